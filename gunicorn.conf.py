@@ -1,0 +1,35 @@
+"""gunicorn settings; each can be overridden from the environment (or .env).
+
+Run migrations first, as their own step: `flask db upgrade && gunicorn -c gunicorn.conf.py wsgi:app`.
+"""
+
+import os
+
+from dotenv import load_dotenv
+
+load_dotenv()
+
+bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+# Keep threads <= DATABASE_POOL_SIZE so that no thread waits for a connection.
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = 20
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
+preload_app = os.environ.get("GUNICORN_PRELOAD", "").lower() in ("1", "true", "yes")
+
+
+def post_fork(server, worker):
+    # Pooled connections must never cross a fork. myapp.database also registers an
+    # os.register_at_fork hook; this makes the rule visible where workers are made.
+    from myapp.database import forget_inherited_connections
+
+    forget_inherited_connections()
+
+
+def worker_exit(server, worker):
+    # Close pooled connections so the database does not wait for them to time out.
+    from myapp.database import dispose_all_engines
+
+    dispose_all_engines()

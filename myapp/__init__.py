@@ -1,0 +1,31 @@
+"""myapp: a Flask site on an app-context-scoped SQLAlchemy session registry."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build and configure an app; each call gives an app with its own engine."""
+    app = Flask(__name__, instance_relative_config=True)
+
+    from . import config
+
+    config.load_config(app, test_config)
+
+    from . import auth, cli, errors, health, posts
+    from .database import db
+
+    db.init_app(app)
+    auth.init_app(app)
+    errors.init_app(app)
+    cli.init_app(app)
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(posts.bp)
+    app.add_url_rule("/", endpoint="index")
+    return app

@@ -1,0 +1,166 @@
+"""Accounts: registration, login, logout, and who is logged in."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+from flask import (
+    Blueprint,
+    Flask,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from flask_wtf import FlaskForm
+from flask_wtf.csrf import CSRFProtect
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from werkzeug.security import check_password_hash, generate_password_hash
+from werkzeug.wrappers import Response
+from wtforms import PasswordField, StringField
+from wtforms.validators import DataRequired, Length, Regexp
+
+from .database import db
+from .models import USERNAME_MAX_LENGTH, User, normalize_username
+
+bp = Blueprint("auth", __name__, url_prefix="/auth")
+csrf = CSRFProtect()
+
+PASSWORD_MIN_LENGTH = 8
+PASSWORD_MAX_LENGTH = 256  # hashing is deliberately slow; do not hash megabytes
+USERNAME_TAKEN = "That username is already taken."
+BAD_LOGIN = "Invalid username or password."
+
+# Checked when the username is unknown, so that a miss costs as much as a wrong password.
+_DUMMY_HASH = generate_password_hash("not-a-real-password")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def init_app(app: Flask) -> None:
+    csrf.init_app(app)
+    app.before_request(load_logged_in_user)
+
+
+class CredentialsForm(FlaskForm):
+    username = StringField(
+        "Username",
+        filters=[lambda value: normalize_username(value) if value else value],
+        validators=[
+            DataRequired(),
+            Length(min=3, max=USERNAME_MAX_LENGTH),
+            Regexp(
+                r"^[a-z0-9_.-]+$",
+                message="Use only letters a-z, digits, dots, dashes and underscores.",
+            ),
+        ],
+    )
+    password = PasswordField(
+        "Password",
+        validators=[DataRequired(), Length(min=PASSWORD_MIN_LENGTH, max=PASSWORD_MAX_LENGTH)],
+    )
+
+
+class LoginForm(FlaskForm):
+    # No format rules here: a login form only answers "yes" or "no".
+    username = StringField(
+        "Username",
+        filters=[lambda value: normalize_username(value) if value else value],
+        validators=[DataRequired(), Length(max=USERNAME_MAX_LENGTH)],
+    )
+    password = PasswordField(
+        "Password", validators=[DataRequired(), Length(max=PASSWORD_MAX_LENGTH)]
+    )
+
+
+def load_logged_in_user() -> None:
+    """Put the logged-in user in ``g.user`` and their name in ``g.username``.
+
+    Templates use the plain ``g.username`` so that an error page never needs the
+    database (which may be the very thing that failed).
+    """
+    g.user = None
+    g.username = None
+    user_id = session.get("user_id")
+    if isinstance(user_id, int):
+        g.user = db.session.get(User, user_id)
+        if g.user is not None:
+            g.username = g.user.username
+
+
+def login_required(view: F) -> F:
+    """Send anonymous visitors to the login page, then back here."""
+
+    @functools.wraps(view)
+    def wrapped_view(*args: Any, **kwargs: Any) -> Any:
+        if g.user is None:
+            return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+        return view(*args, **kwargs)
+
+    return cast(F, wrapped_view)
+
+
+def is_safe_redirect(target: str | None) -> bool:
+    """Only a path on this site: no scheme, no host, no tricks browsers resolve off-site."""
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
+        return False
+    if any(ord(char) < 32 or char == "\\" for char in target):
+        return False
+    parts = urlsplit(target)
+    return not parts.scheme and not parts.netloc
+
+
+@bp.route("/register", methods=("GET", "POST"))
+def register() -> str | Response:
+    form = CredentialsForm()
+    if form.validate_on_submit():
+        username = cast(str, form.username.data)
+        if db.session.scalar(select(User.id).where(User.username == username)) is not None:
+            form.username.errors.append(USERNAME_TAKEN)  # type: ignore[attr-defined]
+        else:
+            password_hash = generate_password_hash(cast(str, form.password.data))
+            db.session.add(User(username=username, password_hash=password_hash))
+            try:
+                db.session.commit()
+            except IntegrityError:
+                # Someone registered the same name between our check and our insert.
+                db.session.rollback()
+                form.username.errors.append(USERNAME_TAKEN)  # type: ignore[attr-defined]
+            else:
+                flash("Your account is ready. Please log in.", "success")
+                return redirect(url_for("auth.login"))
+    return render_template("auth/register.html", form=form)
+
+
+@bp.route("/login", methods=("GET", "POST"))
+def login() -> str | Response:
+    form = LoginForm()
+    if form.validate_on_submit():
+        user = db.session.scalar(select(User).where(User.username == form.username.data))
+        password = cast(str, form.password.data)
+        if user is None:
+            check_password_hash(_DUMMY_HASH, password)
+            form.form_errors.append(BAD_LOGIN)
+        elif not check_password_hash(user.password_hash, password):
+            form.form_errors.append(BAD_LOGIN)
+        else:
+            session.clear()
+            session["user_id"] = user.id
+            flash(f"Welcome back, {user.username}.", "success")
+            target = request.args.get("next")
+            return redirect(target if is_safe_redirect(target) else url_for("index"))
+    return render_template("auth/login.html", form=form)
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    session.clear()
+    flash("You are logged out.", "info")
+    return redirect(url_for("index"))

@@ -1,0 +1,67 @@
+"""Error pages: every failure gets a page with the layout, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, render_template
+from sqlalchemy import exc as sa_exc
+from werkzeug.exceptions import HTTPException
+
+from .database import describe_error
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 5
+
+_MESSAGES = {
+    400: ("Bad request", "The request could not be understood. If you submitted a form, "
+          "go back, reload the page and try again."),
+    403: ("Forbidden", "You are not allowed to do that."),
+    404: ("Not found", "There is nothing at this address."),
+    405: ("Method not allowed", "This address does not accept that kind of request."),
+    409: ("Conflict", "Someone else changed this at the same time. Reload and try again."),
+    413: ("Too large", "What you sent is larger than this site accepts."),
+    429: ("Too many requests", "Slow down a little and try again shortly."),
+    500: ("Something went wrong", "An unexpected error happened on our side. It has been logged."),
+    503: ("Temporarily unavailable", "The database cannot be reached right now. Please try "
+          "again in a few seconds. If you were saving something, it may or may not have "
+          "been saved: check before you send it again."),
+}
+
+
+def init_app(app: Flask) -> None:
+    app.register_error_handler(HTTPException, render_http_error)
+    # Database unavailable, pool exhausted, statement timed out, connection lost: all
+    # temporary, so 503 with Retry-After rather than 500.
+    for error in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
+        app.register_error_handler(error, render_database_unavailable)
+    app.register_error_handler(sa_exc.DBAPIError, render_database_error)
+
+
+def error_page(code: int, description: str | None = None) -> str:
+    """Render the error page; it reads nothing from the database."""
+    title, message = _MESSAGES.get(code, (str(code), ""))
+    return render_template("error.html", code=code, title=title, message=description or message)
+
+
+def render_http_error(error: HTTPException) -> tuple[str, int]:
+    code = error.code or 500
+    # Our own abort() descriptions are meant for people; werkzeug's defaults are not.
+    description = error.description if error.description != type(error).description else None
+    if code >= 500:
+        description = None
+    return error_page(code, description), code
+
+
+def render_database_unavailable(error: Exception) -> tuple[str, int, dict[str, str]]:
+    log.warning("database unavailable: %s", describe_error(error))
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    return error_page(503), 503, headers
+
+
+def render_database_error(error: sa_exc.DBAPIError) -> tuple[str, int, dict[str, str]] | tuple[str, int]:
+    if error.connection_invalidated:
+        return render_database_unavailable(error)
+    log.error("database error: %s", describe_error(error), exc_info=error)
+    return error_page(500), 500

@@ -1,0 +1,26 @@
+"""Probes for a load balancer or an orchestrator."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+from sqlalchemy.exc import SQLAlchemyError
+
+from .database import db, describe_error
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive; the database is not consulted."""
+    return {"status": "ok"}
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[dict[str, object], int]:
+    """Ready when the database accepts a new connection within the ping timeout."""
+    try:
+        latency = db.ping()
+    except SQLAlchemyError as error:
+        return {"status": "unavailable", "reason": describe_error(error)}, 503
+    return {"status": "ready", "database_latency_ms": round(latency * 1000, 2)}, 200

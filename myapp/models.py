@@ -1,0 +1,68 @@
+"""The models: users and their posts."""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import datetime, timezone
+
+from sqlalchemy import ForeignKey, String, Text
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from .database import Base
+
+USERNAME_MAX_LENGTH = 80
+TITLE_MAX_LENGTH = 200
+
+# Case- and space-sensitive on every backend: MariaDB's default collation would
+# otherwise treat "Alice" and "alice " as equal while PostgreSQL and SQLite do not.
+_UsernameType = String(USERNAME_MAX_LENGTH).with_variant(
+    mysql.VARCHAR(USERNAME_MAX_LENGTH, collation="utf8mb4_bin"), "mysql", "mariadb"
+)
+
+
+def utcnow() -> datetime:
+    """Naive UTC, the one form that all three backends store and return alike."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def normalize_username(raw: str) -> str:
+    """The canonical form of a username, so that uniqueness means the same everywhere."""
+    return unicodedata.normalize("NFKC", raw).strip().casefold()
+
+
+class User(Base):
+    __tablename__ = "user"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(_UsernameType, unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    posts: Mapped[list[Post]] = relationship(
+        back_populates="author", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    def __repr__(self) -> str:
+        return f"<User {self.id} {self.username!r}>"
+
+
+class Post(Base):
+    __tablename__ = "post"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    author_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
+    title: Mapped[str] = mapped_column(String(TITLE_MAX_LENGTH))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
+    # Optimistic locking: an UPDATE that finds another version raises StaleDataError
+    # instead of silently overwriting a concurrent edit.
+    version: Mapped[int] = mapped_column()
+
+    author: Mapped[User] = relationship(back_populates="posts")
+
+    __mapper_args__ = {"version_id_col": version}
+
+    def __repr__(self) -> str:
+        return f"<Post {self.id} {self.title!r}>"

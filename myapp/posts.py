@@ -1,0 +1,161 @@
+"""Posts: the index, a post's page, a user's page, and writing, editing, deleting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
+from flask_wtf import FlaskForm
+from sqlalchemy import Select, select
+from sqlalchemy.orm import contains_eager
+from sqlalchemy.orm.exc import StaleDataError
+from werkzeug.wrappers import Response
+from wtforms import HiddenField, StringField, TextAreaField
+from wtforms.validators import DataRequired, Length, ValidationError
+
+from .auth import login_required
+from .database import db
+from .models import TITLE_MAX_LENGTH, Post, User, normalize_username
+
+bp = Blueprint("posts", __name__)
+
+BODY_MAX_LENGTH = 20_000
+MAX_PAGE = 10_000  # an absurd page number is a 404, not an OFFSET the database must walk
+_MAX_ID = 2**31 - 1  # the largest id every backend's INTEGER holds
+
+
+def _no_nul(form: FlaskForm, field: Any) -> None:
+    # PostgreSQL refuses NUL in text; refuse it everywhere, as a form error.
+    if field.data and "\x00" in field.data:
+        raise ValidationError("This field contains a character that is not allowed.")
+
+
+class PostForm(FlaskForm):
+    title = StringField(
+        "Title",
+        filters=[lambda value: value.strip() if value else value],
+        validators=[DataRequired(), Length(max=TITLE_MAX_LENGTH), _no_nul],
+    )
+    body = TextAreaField("Body", validators=[DataRequired(), Length(max=BODY_MAX_LENGTH), _no_nul])
+    version = HiddenField()
+
+
+@dataclass
+class Page:
+    items: list[Post]
+    number: int
+    has_next: bool
+
+    @property
+    def has_prev(self) -> bool:
+        return self.number > 1
+
+
+def _page_number() -> int:
+    raw = request.args.get("page", "1")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        abort(404)
+    return int(raw)
+
+
+def paginate(stmt: Select[tuple[Post]], number: int) -> Page:
+    """One query per page, whatever its size: ask for one row more than a page
+    instead of counting, and load each post's author in the same query."""
+    per_page = current_app.config["POSTS_PER_PAGE"]
+    stmt = (
+        stmt.join(Post.author)
+        .options(contains_eager(Post.author))
+        .order_by(Post.created_at.desc(), Post.id.desc())
+        .limit(per_page + 1)
+        .offset((number - 1) * per_page)
+    )
+    rows = list(db.session.scalars(stmt))
+    if not rows and number > 1:
+        abort(404)
+    return Page(items=rows[:per_page], number=number, has_next=len(rows) > per_page)
+
+
+def get_post(post_id: int, check_author: bool = True) -> Post:
+    """The post, or 404; and 403 unless the logged-in user wrote it."""
+    post = db.session.get(Post, post_id) if 0 < post_id <= _MAX_ID else None
+    if post is None:
+        abort(404, f"Post {post_id} does not exist.")
+    if check_author and (g.user is None or post.author_id != g.user.id):
+        abort(403)
+    return post
+
+
+@bp.get("/")
+def index() -> str:
+    page = paginate(select(Post), _page_number())
+    return render_template("posts/index.html", page=page)
+
+
+@bp.get("/users/<username>")
+def user_posts(username: str) -> str:
+    user = db.session.scalar(select(User).where(User.username == normalize_username(username)))
+    if user is None:
+        abort(404, "No such user.")
+    page = paginate(select(Post).where(Post.author_id == user.id), _page_number())
+    return render_template("posts/user.html", user=user, page=page)
+
+
+@bp.get("/posts/<int:post_id>")
+def detail(post_id: int) -> str:
+    return render_template("posts/detail.html", post=get_post(post_id, check_author=False))
+
+
+@bp.route("/posts/new", methods=("GET", "POST"))
+@login_required
+def create() -> str | Response:
+    form = PostForm()
+    if form.validate_on_submit():
+        post = Post(title=form.title.data, body=form.body.data, author=g.user)
+        db.session.add(post)
+        db.session.commit()
+        flash("Your post is published.", "success")
+        return redirect(url_for("posts.detail", post_id=post.id))
+    return render_template("posts/form.html", form=form, post=None)
+
+
+@bp.route("/posts/<int:post_id>/edit", methods=("GET", "POST"))
+@login_required
+def edit(post_id: int) -> tuple[str, int] | str | Response:
+    post = get_post(post_id)
+    form = PostForm(obj=post)
+    if request.method == "GET":
+        form.version.data = str(post.version)
+    elif form.validate_on_submit():
+        if form.version.data != str(post.version):
+            return _conflict(form, post)
+        post.title = cast(str, form.title.data)
+        post.body = cast(str, form.body.data)
+        try:
+            db.session.commit()
+        except StaleDataError:
+            db.session.rollback()
+            return _conflict(form, post)
+        flash("Your changes are saved.", "success")
+        return redirect(url_for("posts.detail", post_id=post.id))
+    return render_template("posts/form.html", form=form, post=post)
+
+
+def _conflict(form: PostForm, post: Post) -> tuple[str, int]:
+    """Someone saved this post since the form was loaded: keep the user's text, say so."""
+    db.session.refresh(post)
+    form.version.data = str(post.version)
+    form.form_errors.append(
+        "This post was changed by someone else while you were editing. Your text is kept "
+        "below; review the post and save again to overwrite it."
+    )
+    return render_template("posts/form.html", form=form, post=post), 409
+
+
+@bp.post("/posts/<int:post_id>/delete")
+@login_required
+def delete(post_id: int) -> Response:
+    db.session.delete(get_post(post_id))
+    db.session.commit()
+    flash("The post is deleted.", "info")
+    return redirect(url_for("index"))
