@@ -1,0 +1,215 @@
+"""Fixtures: one throwaway database per backend, an app per test, isolation through
+the registry, and a check that no connection or app context outlives a test.
+
+Backends: SQLite always; PostgreSQL and MariaDB when ``TEST_POSTGRES_URL`` and
+``TEST_MYSQL_URL`` are set. Under ``CI`` a missing or unreachable backend fails
+the run instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from flask import Flask, has_app_context
+from flask.testing import FlaskClient
+from sqlalchemy import create_engine, delete, event, text
+from sqlalchemy.engine import URL, make_url
+
+from myapp import create_app
+from myapp.database import Base, db
+
+BACKENDS = {"sqlite": None, "postgresql": "TEST_POSTGRES_URL", "mysql": "TEST_MYSQL_URL"}
+SECRET_KEY = "test-secret-key-" + "x" * 32
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "real_commits: run without the rollback-per-test isolation")
+    config.addinivalue_line("markers", "backends(*names): run only on these backends")
+
+
+@dataclass
+class Backend:
+    name: str
+    url: URL
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.name == "sqlite"
+
+
+def _server_url(name: str) -> URL | None:
+    variable = BACKENDS[name]
+    assert variable is not None
+    raw = os.environ.get(variable)
+    if not raw:
+        if os.environ.get("CI"):
+            pytest.fail(f"{variable} is not set: in CI every backend must run", pytrace=False)
+        pytest.skip(f"{variable} is not set")
+    return make_url(raw)
+
+
+@contextmanager
+def _throwaway_database(name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[URL]:
+    """A database of our own on the backend's server, dropped at the end."""
+    if name == "sqlite":
+        yield make_url(f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'test.sqlite'}")
+        return
+    server = _server_url(name)
+    assert server is not None
+    database = f"myapp_test_{secrets.token_hex(4)}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            suffix = " CHARACTER SET utf8mb4" if name == "mysql" else ""
+            connection.execute(text(f"CREATE DATABASE {database}{suffix}"))
+    except Exception as error:  # a configured backend that is down is a failure, not a skip
+        pytest.fail(f"{name} at {server!r} is unreachable: {error}", pytrace=False)
+    try:
+        yield server.set(database=database)
+    finally:
+        with admin.connect() as connection:
+            force = " WITH (FORCE)" if name == "postgresql" else ""
+            connection.execute(text(f"DROP DATABASE IF EXISTS {database}{force}"))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session", params=list(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """A migrated throwaway database on each backend in turn."""
+    with _throwaway_database(request.param, tmp_path_factory) as url:
+        migrator = make_app(url)
+        with migrator.app_context():
+            from alembic import command
+
+            from myapp.cli import alembic_config
+
+            command.upgrade(alembic_config(), "head")
+        migrator.extensions["myapp.database"].engine.dispose()
+        yield Backend(request.param, url)
+
+
+def make_app(url: URL | str, **overrides: Any) -> Flask:
+    config = {
+        "TESTING": True,
+        "SECRET_KEY": SECRET_KEY,
+        "DATABASE_URL": url,
+        "WTF_CSRF_ENABLED": False,
+        "DATABASE_APP_NAME": "myapp-test",
+    }
+    config.update(overrides)
+    return create_app(config)
+
+
+@pytest.fixture
+def app_config() -> dict[str, Any]:
+    """Extra settings for the ``app`` fixture; override it in a module or a test."""
+    return {}
+
+
+@pytest.fixture
+def app(request: pytest.FixtureRequest, backend: Backend, app_config: dict[str, Any]) -> Iterator[Flask]:
+    marker = request.node.get_closest_marker("backends")
+    if marker is not None and backend.name not in marker.args:
+        pytest.skip(f"not a {backend.name} test")
+    app = make_app(backend.url, **app_config)
+    engine = app.extensions["myapp.database"].engine
+    if request.node.get_closest_marker("real_commits"):
+        try:
+            yield app
+        finally:
+            _delete_all_rows(engine)
+    else:
+        with db.test_isolation(app):
+            yield app
+    checked_out = engine.pool.checkedout()
+    engine.dispose()
+    assert checked_out == 0, f"{checked_out} connection(s) still checked out after the test"
+    assert not has_app_context(), "an app context leaked out of the test"
+
+
+def _delete_all_rows(engine: Any) -> None:
+    with engine.begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            connection.execute(delete(table))
+
+
+@pytest.fixture
+def _push_request_context() -> None:
+    """Override pytest-flask's autouse fixture that pushes a request context around
+    every test: with one pushed, Flask 3.1 reuses it for test-client requests, so
+    ``teardown_appcontext`` would not run per request and no lifecycle test would
+    prove anything. Tests push a context themselves where they need one."""
+
+
+@pytest.fixture
+def runner(app: Flask) -> Any:
+    return app.test_cli_runner()
+
+
+class AuthActions:
+    def __init__(self, client: FlaskClient) -> None:
+        self._client = client
+
+    def register(self, username: str = "alice", password: str = "correct horse") -> Any:
+        return self._client.post("/auth/register", data={"username": username, "password": password})
+
+    def login(self, username: str = "alice", password: str = "correct horse") -> Any:
+        return self._client.post("/auth/login", data={"username": username, "password": password})
+
+    def register_and_login(self, username: str = "alice", password: str = "correct horse") -> None:
+        assert self.register(username, password).status_code == 302
+        assert self.login(username, password).status_code == 302
+
+    def logout(self) -> Any:
+        return self._client.post("/auth/logout")
+
+
+@pytest.fixture
+def auth(client: FlaskClient) -> AuthActions:
+    return AuthActions(client)
+
+
+_COUNTED = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|WITH)\b", re.IGNORECASE)
+
+
+@dataclass
+class QueryLog:
+    statements: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.statements)
+
+
+@contextmanager
+def count_queries(app: Flask) -> Iterator[QueryLog]:
+    """Record the SQL statements (not BEGIN, SAVEPOINT or ROLLBACK) the block sends."""
+    engine = app.extensions["myapp.database"].engine
+    log = QueryLog()
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if _COUNTED.match(statement):
+            log.statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield log
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+@contextmanager
+def assert_num_queries(app: Flask, expected: int) -> Iterator[QueryLog]:
+    """Fail unless the block sends exactly ``expected`` statements (like Django's)."""
+    with count_queries(app) as log:
+        yield log
+    assert log.count == expected, f"expected {expected} queries, got {log.count}:\n" + "\n".join(
+        log.statements
+    )

@@ -1,0 +1,309 @@
+"""The Database class, its engine options and the app-context session registry."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from flask import Flask
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Session
+from werkzeug.security import generate_password_hash
+
+from myapp.database import Base, Database, db, describe_error, mask_url
+from myapp.models import Post, User
+
+from .conftest import Backend, make_app
+
+
+def _count_users(app: Flask) -> int:
+    """Count through a connection of its own, outside any registry session."""
+    with app.extensions["myapp.database"].engine.connect() as connection:
+        return connection.scalar(select(func.count()).select_from(User.__table__)) or 0
+
+
+def _add_user_route(app: Flask) -> None:
+    """A test-only view that writes a user and then fails."""
+
+    @app.post("/_test/write-then-fail")
+    def write_then_fail() -> str:
+        db.session.add(User(username="ghost", password_hash="x"))
+        db.session.flush()
+        raise RuntimeError("the view failed after writing")
+
+
+# -- the seed's public face -----------------------------------------------------------
+
+
+def test_get_base_is_the_one_declarative_base() -> None:
+    assert Database.get_base() is Base
+    assert db.get_base() is Base
+    assert issubclass(Base, DeclarativeBase)
+    assert User.__table__.metadata is Base.metadata and Post.__table__.metadata is Base.metadata
+
+
+def test_get_engine_and_independent_sessions(app: Flask) -> None:
+    with app.app_context():
+        assert db.get_engine() is app.extensions["myapp.database"].engine
+        first, second = db.get_session(), db.get_session()
+        try:
+            assert isinstance(first, Session) and first is not second
+            assert first is not db.session() and second is not db.session()
+            assert first.autoflush is False
+        finally:
+            first.close()
+            second.close()
+
+
+def test_engine_options(app: Flask, backend: Backend) -> None:
+    engine = app.extensions["myapp.database"].engine
+    assert engine.pool._pre_ping is True
+    assert engine.hide_parameters is True
+    assert engine.pool.size() == app.config["DATABASE_POOL_SIZE"]
+    assert engine.pool._max_overflow == app.config["DATABASE_MAX_OVERFLOW"]
+    assert engine.pool._timeout == app.config["DATABASE_POOL_TIMEOUT"]
+    assert engine.pool._recycle == app.config["DATABASE_POOL_RECYCLE"]
+
+
+@pytest.mark.real_commits
+def test_pool_settings_come_from_config(backend: Backend) -> None:
+    app = make_app(
+        backend.url,
+        DATABASE_POOL_SIZE=3,
+        DATABASE_MAX_OVERFLOW=1,
+        DATABASE_POOL_TIMEOUT=1.5,
+        DATABASE_POOL_RECYCLE=60,
+    )
+    pool = app.extensions["myapp.database"].engine.pool
+    assert (pool.size(), pool._max_overflow, pool._timeout, pool._recycle) == (3, 1, 1.5, 60)
+
+
+def test_backend_specific_connection_setup(app: Flask, backend: Backend) -> None:
+    with app.app_context():
+        if backend.name == "sqlite":
+            assert db.session.execute(text("PRAGMA foreign_keys")).scalar() == 1
+            assert db.session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        elif backend.name == "postgresql":
+            assert db.session.execute(text("SHOW application_name")).scalar() == "myapp-test"
+        else:
+            charset = db.session.execute(text("SELECT @@character_set_connection")).scalar()
+            assert charset == "utf8mb4"
+            wait_timeout = db.session.execute(text("SELECT @@wait_timeout")).scalar()
+            assert app.config["DATABASE_POOL_RECYCLE"] < int(wait_timeout)
+
+
+def test_connect_timeout_is_always_set(app: Flask, backend: Backend) -> None:
+    engine = app.extensions["myapp.database"].engine
+    cargs, cparams = engine.dialect.create_connect_args(engine.url)
+    creator_args = engine.pool._creator.__closure__  # the merged connect_args live here
+    merged = {}
+    for cell in creator_args or ():
+        if isinstance(cell.cell_contents, dict):
+            merged.update(cell.cell_contents)
+    key = "timeout" if backend.is_sqlite else "connect_timeout"
+    assert key in merged, f"no {key} among {sorted(merged)}"
+
+
+def test_sqlite_write_transactions_take_the_lock_up_front(tmp_path) -> None:
+    """BEGIN IMMEDIATE: two read-then-write transactions wait for each other instead of
+    one failing at once with 'database is locked'."""
+    app = make_app(f"sqlite:///{tmp_path / 'lock.sqlite'}", SQLITE_BUSY_TIMEOUT=10)
+    with app.app_context():
+        Base.metadata.create_all(db.get_engine())
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def read_then_write(n: int) -> None:
+        try:
+            with app.app_context():
+                barrier.wait()
+                db.session.scalar(select(func.count()).select_from(User))
+                db.session.add(User(username=f"user{n}", password_hash="x"))
+                db.session.commit()
+        except BaseException as error:  # collected for the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=read_then_write, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert _count_users(app) == 4
+    app.extensions["myapp.database"].engine.dispose()
+
+
+def test_bound_parameters_are_hidden_from_errors(app: Flask) -> None:
+    secret_hash = generate_password_hash("hunter2-secret")
+    with app.app_context():
+        db.session.add(User(username="dup", password_hash=secret_hash))
+        db.session.flush()
+        db.session.add(User(username="dup", password_hash=secret_hash))
+        with pytest.raises(IntegrityError) as caught:
+            db.session.flush()
+        db.session.rollback()
+    assert secret_hash not in str(caught.value)
+    assert "hidden due to hide_parameters" in str(caught.value)
+
+
+def test_url_password_is_masked() -> None:
+    assert mask_url("postgresql+psycopg://me:s3cret@db/x") == "postgresql+psycopg://me:***@db/x"
+    assert "s3cret" not in repr(make_app("sqlite://").extensions["myapp.database"].engine.url)
+
+
+# -- the registry ---------------------------------------------------------------------
+
+
+def test_session_outside_app_context_says_what_to_do() -> None:
+    with pytest.raises(RuntimeError, match=r"app_context\(\)"):
+        db.session.execute(text("SELECT 1"))
+
+
+def test_same_context_same_session_new_context_new_session(app: Flask) -> None:
+    with app.app_context():
+        first = db.session()
+        assert db.session() is first
+        with app.app_context():
+            assert db.session() is not first
+        assert db.session() is first
+
+
+def test_two_apps_never_share_engine_or_session(backend: Backend) -> None:
+    one, two = make_app(backend.url), make_app(backend.url)
+    assert one.extensions["myapp.database"].engine is not two.extensions["myapp.database"].engine
+    with one.app_context():
+        session_one = db.session()
+        with two.app_context():
+            session_two = db.session()
+            assert session_two is not session_one
+            assert session_two.get_bind() is two.extensions["myapp.database"].engine
+        assert session_one.get_bind() is one.extensions["myapp.database"].engine
+    for app in (one, two):
+        app.extensions["myapp.database"].engine.dispose()
+
+
+def test_init_app_twice_is_refused(backend: Backend) -> None:
+    app = make_app(backend.url)
+    with pytest.raises(RuntimeError, match="once per app"):
+        db.init_app(app)
+
+
+@pytest.mark.real_commits
+def test_session_removed_and_connection_returned_after_each_request(app: Flask, client) -> None:
+    engine = app.extensions["myapp.database"].engine
+    sessions = []
+
+    @app.get("/_test/peek")
+    def peek() -> str:
+        db.session.scalar(select(func.count()).select_from(User))
+        sessions.append(db.session())
+        assert engine.pool.checkedout() == 1
+        return "ok"
+
+    for _ in range(3):
+        assert client.get("/_test/peek").status_code == 200
+        assert engine.pool.checkedout() == 0
+    assert len({id(s) for s in sessions}) == 3
+
+
+@pytest.mark.real_commits
+def test_view_that_raised_leaves_nothing_behind(app: Flask, client) -> None:
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    _add_user_route(app)
+    engine = app.extensions["myapp.database"].engine
+    response = client.post("/_test/write-then-fail")
+    assert response.status_code == 500
+    assert b"Something went wrong" in response.data and b"Traceback" not in response.data
+    assert engine.pool.checkedout() == 0
+    assert _count_users(app) == 0
+
+
+@pytest.mark.real_commits
+def test_nothing_left_in_transaction_on_the_server(app: Flask, client, backend: Backend) -> None:
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    _add_user_route(app)
+    for _ in range(5):
+        client.post("/_test/write-then-fail")
+    if backend.name == "postgresql":
+        with app.extensions["myapp.database"].engine.connect() as connection:
+            idle = connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND state LIKE 'idle in transaction%'"
+                )
+            )
+        assert idle == 0
+    assert _count_users(app) == 0
+
+
+@pytest.mark.real_commits
+def test_nested_context_in_a_view_keeps_the_outer_session(app: Flask, client) -> None:
+    @app.post("/_test/nested")
+    def nested() -> str:
+        db.session.add(User(username="outer", password_hash="x"))
+        with app.app_context():
+            db.session.scalar(select(func.count()).select_from(User))
+        db.session.commit()  # the outer session still has its pending user
+        return "ok"
+
+    assert client.post("/_test/nested").status_code == 200
+    assert _count_users(app) == 1
+
+
+@pytest.mark.real_commits
+def test_nested_context_in_a_cli_command_keeps_the_outer_session(app: Flask, runner) -> None:
+    import click
+
+    @app.cli.command("nested-write")
+    def nested_write() -> None:
+        db.session.add(User(username="outer", password_hash="x"))
+        with app.app_context():
+            db.session.scalar(select(func.count()).select_from(User))
+        db.session.commit()
+        click.echo("done")
+
+    result = runner.invoke(args=["nested-write"])
+    assert result.exit_code == 0, result.output
+    assert _count_users(app) == 1
+    assert app.extensions["myapp.database"].engine.pool.checkedout() == 0
+
+
+def test_isolation_rolls_back_what_requests_committed(app: Flask, client, auth) -> None:
+    """Requests commit as usual inside the test; the next test starts clean."""
+    auth.register("isolated")
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(User)) == 1
+
+
+def test_isolation_previous_test_left_nothing(app: Flask) -> None:
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(User)) == 0
+
+
+def test_describe_error_is_one_line_without_sql(app: Flask) -> None:
+    with app.app_context():
+        with pytest.raises(Exception) as caught:
+            db.session.execute(text("SELECT * FROM no_such_table WHERE secret = :p"), {"p": "pw"})
+        db.session.rollback()
+    line = describe_error(caught.value)
+    assert "\n" not in line and "pw" not in line and "no_such_table" in line
+
+
+@pytest.mark.real_commits
+def test_negative_control_thread_local_registry_loses_the_outer_write(
+    app: Flask, client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The harness can fail: keyed on the thread, the inner teardown discards the write."""
+    monkeypatch.setattr(db.session.registry, "scopefunc", threading.get_ident)
+
+    @app.post("/_test/nested")
+    def nested() -> str:
+        db.session.add(User(username="outer", password_hash="x"))
+        with app.app_context():
+            db.session.scalar(select(func.count()).select_from(User))
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/_test/nested").status_code == 200
+    assert _count_users(app) == 0
