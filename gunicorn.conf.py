@@ -23,13 +23,13 @@ preload_app = os.environ.get("GUNICORN_PRELOAD", "").lower() in ("1", "true", "y
 def post_fork(server, worker):
     # Pooled connections must never cross a fork. myapp.database also registers an
     # os.register_at_fork hook; this makes the rule visible where workers are made.
-    from myapp.database import forget_inherited_connections
+    from myapp.engine import forget_inherited_connections
 
     forget_inherited_connections()
 
 
 def worker_exit(server, worker):
     # Close pooled connections so the database does not wait for them to time out.
-    from myapp.database import dispose_all_engines
+    from myapp.engine import dispose_all_engines
 
     dispose_all_engines()

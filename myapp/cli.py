@@ -29,7 +29,8 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.security import generate_password_hash
 
 from .auth import CredentialsForm
-from .database import db, describe_error, mask_url
+from .database import db
+from .engine import describe_error, mask_url
 from .models import Post, User, utcnow
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -42,6 +42,10 @@ ENVIRONMENT_SETTINGS: dict[str, Callable[[str], Any]] = {
     "DATABASE_PING_TIMEOUT": int,
     "DATABASE_APP_NAME": str,
     "DATABASE_ECHO": _as_bool,
+    "DATABASE_STATEMENT_TIMEOUT": int,
+    "DATABASE_SLOW_QUERY_MS": float,
+    "DATABASE_QUERY_BUDGET": int,
+    "DATABASE_COMMIT_ON_SUCCESS": _as_bool,
     "SQLITE_BUSY_TIMEOUT": float,
     "POSTS_PER_PAGE": int,
 }
@@ -62,6 +66,12 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_PING_TIMEOUT": 2,  # libpq's minimum
     "DATABASE_APP_NAME": "myapp",
     "DATABASE_ECHO": False,
+    # Milliseconds a statement may run before the server cancels it (0: no limit);
+    # PostgreSQL statement_timeout, MariaDB max_statement_time. SQLite has none.
+    "DATABASE_STATEMENT_TIMEOUT": 0,
+    "DATABASE_SLOW_QUERY_MS": 500,  # log statements slower than this (0: off)
+    "DATABASE_QUERY_BUDGET": 30,  # debug and tests: warn when a request sends more
+    "DATABASE_COMMIT_ON_SUCCESS": False,  # commit requests that wrote and answered 2xx/3xx
     "SQLITE_BUSY_TIMEOUT": 5.0,
     "POSTS_PER_PAGE": 20,
     "MIGRATIONS_DIR": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations"),

@@ -1,36 +1,46 @@
-"""The database layer: engine, sessionmaker, declarative base and the session registry.
+"""The database layer: the declarative base, and the ``Database`` that owns each app's
+engine, its sessionmaker and the session registry.
 
 How a session lives and dies, in one place:
 
 1. ``init_app`` builds one engine and one sessionmaker per Flask app from its config.
 2. The first use of ``db.session`` inside an app context asks the registry for the
    session of *that* context; the registry creates it from the app's sessionmaker.
-3. ``teardown_appcontext`` calls ``db.session.remove()`` when the context ends, for
-   every request and every CLI command, whether the view returned or raised: the
-   session rolls back whatever was not committed and its connection goes back to
-   the pool.
+3. Work ends with an explicit commit, best through ``with db.transaction():``. With
+   ``DATABASE_COMMIT_ON_SUCCESS`` on, a request that wrote and answers 2xx/3xx is
+   committed before its response leaves.
+4. ``teardown_appcontext`` removes the session when the context ends, for every request
+   and every CLI command, whether the view returned or raised: what was not committed
+   is rolled back (and reported: a forgotten commit is a bug) and the connection goes
+   back to the pool.
 """
 
 from __future__ import annotations
 
-import atexit
-import os
+import functools
+import logging
+import random
 import time
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from flask import Flask, current_app, has_app_context, has_request_context, request
+import click
+from flask import Flask, current_app, g, has_app_context, has_request_context, request
 from flask.globals import _cv_app
-from sqlalchemy import Engine, MetaData, create_engine, event, select, text
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
-from sqlalchemy.exc import ArgumentError
-from sqlalchemy.pool import NullPool, StaticPool
+from sqlalchemy import Engine, MetaData, event, inspect, select, text
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, ORMExecuteState, Session, SessionTransaction, scoped_session, sessionmaker
+from werkzeug.wrappers import Response
 
 from .config import ConfigError
+from .engine import describe_error, is_retryable, make_engine, mask_url, register_process_hooks
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _EXTENSION_KEY = "myapp.database"
 
@@ -42,12 +52,12 @@ _NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-# Request methods that promise not to write; SQLite may start their transactions
-# deferred, so that readers do not queue behind the write lock.
-_READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-# Every engine built by any Database, so that a fork or interpreter exit can reach them.
-_all_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_NO_CONTEXT_MESSAGE = (
+    "db.session was used outside an application context. Inside a view or a `flask` "
+    "command one is pushed for you; in a script or a thread use `with "
+    "db.session_scope(app):` (or `with app.app_context():`), or take `db.get_session()` "
+    "and close it yourself."
+)
 
 
 class Base(DeclarativeBase):
@@ -57,11 +67,19 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=_NAMING_CONVENTION)
 
 
+class LostWriteError(RuntimeError):
+    """A session ended with changes nobody committed (raised in testing, logged otherwise)."""
+
+
+class AppSession(Session):
+    """A Session that remembers what it wrote and what should run after its commit."""
+
+
 @dataclass
 class _AppState:
     engine: Engine
     probe_engine: Engine
-    sessionmaker: sessionmaker[Session]
+    sessionmaker: sessionmaker[AppSession]
 
 
 class Database:
@@ -81,7 +99,7 @@ class Database:
     Base = Base
 
     def __init__(self, app: Flask | None = None) -> None:
-        self.session: scoped_session[Session] = scoped_session(
+        self.session: scoped_session[AppSession] = scoped_session(
             self._create_scoped_session, scopefunc=_current_app_context_id
         )
         if app is not None:
@@ -93,7 +111,7 @@ class Database:
         """Return the current app's engine."""
         return self._state().engine
 
-    def get_session(self) -> Session:
+    def get_session(self) -> AppSession:
         """Return a new, independent Session that the caller must close."""
         return self._state().sessionmaker()
 
@@ -102,27 +120,17 @@ class Database:
         """Return the declarative base every model inherits."""
         return cls.Base
 
-    def ping(self) -> float:
-        """Run ``SELECT 1`` over a fresh connection with a short connect timeout.
-
-        Return the round trip in seconds; raise the database error otherwise.
-        """
-        started = time.perf_counter()
-        with self._state().probe_engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-        return time.perf_counter() - started
-
     # -- Flask wiring ----------------------------------------------------------------
 
     def init_app(self, app: Flask) -> None:
-        """Build the app's engine and sessionmaker and register the teardown."""
+        """Build the app's engines and sessionmaker and register the session's lifecycle."""
         if _EXTENSION_KEY in app.extensions:
             raise RuntimeError(
                 "A Database is already registered on this app; call init_app once per app."
             )
         try:
-            engine = _make_engine(app)
-            probe_engine = _make_engine(app, probe=True)
+            engine = make_engine(app.config, app.instance_path)
+            probe_engine = make_engine(app.config, app.instance_path, probe=True)
         except (ArgumentError, ImportError, ValueError) as error:
             raise ConfigError(
                 f"DATABASE_URL {mask_url(app.config['DATABASE_URL'])!r} is invalid: {error}"
@@ -130,11 +138,18 @@ class Database:
         app.extensions[_EXTENSION_KEY] = _AppState(
             engine=engine,
             probe_engine=probe_engine,
-            sessionmaker=sessionmaker(bind=engine, autoflush=False, expire_on_commit=False),
+            sessionmaker=sessionmaker(
+                bind=engine, class_=AppSession, autoflush=False, expire_on_commit=False
+            ),
         )
+        if app.config["DATABASE_COMMIT_ON_SUCCESS"]:
+            app.after_request(self._commit_before_response)
+        budget = app.config["DATABASE_QUERY_BUDGET"]
+        if budget and (app.debug or app.testing):
+            _watch_query_budget(app, engine, int(budget))
         app.teardown_appcontext(self._remove_session)
         app.shell_context_processor(lambda: {"db": self, "select": select})
-        _register_process_hooks()
+        register_process_hooks()
 
     def _state(self, app: Flask | None = None) -> _AppState:
         if app is None:
@@ -148,11 +163,162 @@ class Database:
                 "The database is not set up on this app: call db.init_app(app) in create_app."
             ) from None
 
-    def _create_scoped_session(self) -> Session:
-        return self._state().sessionmaker()
+    def _create_scoped_session(self) -> AppSession:
+        session = self._state().sessionmaker()
+        session.info["origin"] = _describe_origin()
+        return session
 
     def _remove_session(self, exc: BaseException | None) -> None:
+        if not self.session.registry.has():
+            return
+        session = self.session()
+        # After an unhandled error the rollback is the point; otherwise it loses data.
+        lost = describe_uncommitted(session) if exc is None else []
         self.session.remove()
+        if lost:
+            message = (
+                f"{session.info.get('origin', 'a session')} ended with uncommitted changes "
+                f"({', '.join(lost)}); they were rolled back. Commit them (with "
+                "db.transaction()) or roll back explicitly."
+            )
+            if current_app.testing:
+                raise LostWriteError(message)
+            log.warning(message)
+
+    def _commit_before_response(self, response: Response) -> Response:
+        """Commit a request that wrote and succeeded, before the response leaves; a
+        failed commit becomes the error page, never a success for a lost write."""
+        if not self.session.registry.has():
+            return response
+        session = self.session()
+        if response.status_code >= 400:
+            session.rollback()
+        elif has_writes(session):
+            try:
+                session.commit()
+            except SQLAlchemyError as error:
+                session.rollback()
+                return current_app.make_response(current_app.handle_user_exception(error))
+        return response
+
+    def rollback(self) -> None:
+        """Roll back the current context's session, if it has one (error pages use it)."""
+        if has_app_context() and self.session.registry.has():
+            try:
+                self.session.rollback()
+            except SQLAlchemyError as error:  # the connection may be the thing that failed
+                log.warning("rollback failed: %s", describe_error(error))
+
+    # -- units of work ---------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[AppSession]:
+        """Commit on success, roll back on error; nested, a SAVEPOINT.
+
+        Also a decorator: ``@db.transaction()``. The outermost block commits the
+        session's whole transaction, reads made before it included.
+        """
+        session = self.session()
+        depth = session.info.get("transaction_depth", 0)
+        session.info["transaction_depth"] = depth + 1
+        try:
+            if depth:
+                with session.begin_nested():
+                    yield session
+            else:
+                try:
+                    yield session
+                    session.commit()
+                except BaseException:
+                    session.rollback()
+                    raise
+        finally:
+            session.info["transaction_depth"] = depth
+
+    def on_commit(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` once the current transaction has really committed.
+
+        Dropped if it rolls back (or the SAVEPOINT it was registered in does). With no
+        transaction and nothing pending, it runs at once: there is nothing to wait for.
+        """
+        session = self.session()
+        transaction = session.get_nested_transaction() or session.get_transaction()
+        if transaction is None and not has_writes(session):
+            callback()
+            return
+        if transaction is None:
+            transaction = session.begin()
+        session.info.setdefault("on_commit", []).append((transaction, callback))
+
+    def retrying(self, attempts: int = 3, backoff: float = 0.05) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Re-run a whole, idempotent unit of work on a serialization failure or deadlock.
+
+        PostgreSQL 40001/40P01, MariaDB/MySQL 1213, SQLite busy; at most ``attempts``
+        runs, with jittered exponential backoff. Never wrap a whole POST view: wrap the
+        function that does one unit of work from its start, inside a transaction.
+        """
+        if not 1 <= attempts <= 10:
+            raise ValueError("attempts must be between 1 and 10")
+
+        def decorator(unit: Callable[P, R]) -> Callable[P, R]:
+            @functools.wraps(unit)
+            def run(*args: P.args, **kwargs: P.kwargs) -> R:
+                session = self.session()
+                if session.info.get("transaction_depth"):
+                    raise RuntimeError(
+                        f"{unit.__name__} is retried inside an open db.transaction(): a retry "
+                        "can only re-run a whole unit of work, so put the retry outside it."
+                    )
+                if has_writes(session):
+                    raise RuntimeError(
+                        f"{unit.__name__} is retried but the session already holds "
+                        "uncommitted writes that a retry would discard: commit first, or "
+                        "retry the whole unit of work."
+                    )
+                for attempt in range(1, attempts + 1):
+                    try:
+                        return unit(*args, **kwargs)
+                    except DBAPIError as error:
+                        if attempt == attempts or not is_retryable(error):
+                            raise
+                        session.rollback()
+                        delay = random.uniform(0, backoff * 2 ** (attempt - 1))
+                        log.info("retrying %s after %s (attempt %d)", unit.__name__, describe_error(error), attempt)
+                        time.sleep(delay)
+                raise AssertionError("unreachable")
+
+            return run
+
+        return decorator
+
+    @contextmanager
+    def session_scope(self, app: Flask | None = None) -> Iterator[AppSession]:
+        """A unit of work for CLI commands, scripts and threads.
+
+        Inside the app's context (a command), use its session; otherwise push a new app
+        context, whose teardown removes the session at the end. Either way the block is
+        a ``transaction()``. A thread started by a view passes the app and so gets a
+        session of its own, never the view's.
+        """
+        if app is None:
+            if not has_app_context():
+                raise RuntimeError(_NO_CONTEXT_MESSAGE)
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+        inside = has_app_context() and current_app._get_current_object() is app  # type: ignore[attr-defined]
+        assert app is not None
+        with nullcontext() if inside else app.app_context():
+            with self.transaction() as session:
+                yield session
+
+    def ping(self) -> float:
+        """Run ``SELECT 1`` over a fresh connection with a short connect timeout.
+
+        Return the round trip in seconds; raise the database error otherwise.
+        """
+        started = time.perf_counter()
+        with self._state().probe_engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return time.perf_counter() - started
 
     # -- test support ----------------------------------------------------------------
 
@@ -170,6 +336,7 @@ class Database:
             outer = connection.begin()
             state.sessionmaker = sessionmaker(
                 bind=connection,
+                class_=AppSession,
                 autoflush=False,
                 expire_on_commit=False,
                 join_transaction_mode="create_savepoint",
@@ -181,164 +348,115 @@ class Database:
                 outer.rollback()
 
 
-_NO_CONTEXT_MESSAGE = (
-    "db.session was used outside an application context. Inside a view or a `flask` "
-    "command one is pushed for you; in a script, thread or test wrap the work in "
-    "`with app.app_context():` (or use `db.get_session()` and close it yourself)."
-)
-
-
 def _current_app_context_id() -> int:
     if not has_app_context():
         raise RuntimeError(_NO_CONTEXT_MESSAGE)
     return id(_cv_app.get())
 
 
-# -- engine construction -------------------------------------------------------------
+def _describe_origin() -> str:
+    if has_request_context():
+        return f"request {request.method} {request.endpoint or request.path}"
+    command = click.get_current_context(silent=True)
+    if command is not None:
+        return f"command {command.command_path}"
+    return "a session"
 
 
-def _make_engine(app: Flask, *, probe: bool = False) -> Engine:
-    """Create the engine for ``DATABASE_URL`` with the options its backend needs.
+# -- what a session wrote, and what runs after its commit ----------------------------
 
-    A probe engine has no pool and a short connect timeout: each ping opens a fresh
-    connection, which proves the server still accepts new ones.
-    """
-    config = app.config
-    url = _resolve_url(config["DATABASE_URL"], app.instance_path)
-    options: dict[str, Any] = {
-        "pool_pre_ping": True,
-        "hide_parameters": True,
-        "echo": bool(config.get("DATABASE_ECHO", False)),
-    }
-    connect_args: dict[str, Any] = {}
-    backend = url.get_backend_name()
-    connect_timeout = int(config["DATABASE_PING_TIMEOUT" if probe else "DATABASE_CONNECT_TIMEOUT"])
-    app_name = config["DATABASE_APP_NAME"]
 
-    if backend == "sqlite" and url.database in (None, "", ":memory:"):
-        options["poolclass"] = StaticPool
-        connect_args["check_same_thread"] = False
-    elif probe:
-        options["poolclass"] = NullPool
+def has_writes(session: Session) -> bool:
+    """True if the session has changes to flush or flushed writes not yet committed."""
+    return bool(session.new or session.deleted or session.info.get("flushed")) or any(
+        session.is_modified(obj) for obj in session.dirty
+    )
+
+
+def describe_uncommitted(session: Session) -> list[str]:
+    """Name the objects a session would lose, without their (possibly private) contents."""
+    names = [f"new {type(obj).__name__}" for obj in session.new]
+    names += [f"changed {_identity(obj)}" for obj in session.dirty if session.is_modified(obj)]
+    names += [f"deleted {_identity(obj)}" for obj in session.deleted]
+    names += [f"flushed {name}" for name in session.info.get("flushed", ())]
+    return names
+
+
+def _identity(obj: object) -> str:
+    key = inspect(obj).identity
+    return f"{type(obj).__name__}{list(key) if key else ''}"
+
+
+@event.listens_for(AppSession, "after_flush")
+def _remember_flushed(session: Session, flush_context: Any) -> None:
+    flushed = session.info.setdefault("flushed", [])
+    flushed.extend(f"new {type(obj).__name__}" for obj in session.new)
+    flushed.extend(f"changed {_identity(obj)}" for obj in session.dirty if session.is_modified(obj))
+    flushed.extend(f"deleted {_identity(obj)}" for obj in session.deleted)
+
+
+@event.listens_for(AppSession, "do_orm_execute")
+def _remember_bulk_writes(state: ORMExecuteState) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        name = getattr(state.bind_mapper, "class_", None)
+        kind = "insert" if state.is_insert else "update" if state.is_update else "delete"
+        state.session.info.setdefault("flushed", []).append(f"bulk {kind} {getattr(name, '__name__', '')}".strip())
+
+
+@event.listens_for(AppSession, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    session.info.pop("flushed", None)
+    callbacks = session.info.pop("on_commit", [])
+    for _transaction, callback in callbacks:
+        try:
+            callback()
+        except Exception:  # the data is committed; one failing hook must not hide it
+            log.exception("after-commit callback %r failed", callback)
+
+
+@event.listens_for(AppSession, "after_soft_rollback")
+def _forget_after_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
+    if previous_transaction.nested:
+        session.info["on_commit"] = [
+            (transaction, callback)
+            for transaction, callback in session.info.get("on_commit", [])
+            if not _descends_from(transaction, previous_transaction)
+        ]
     else:
-        options.update(_pool_options(config))
-
-    if backend == "sqlite":
-        connect_args["timeout"] = float(config["SQLITE_BUSY_TIMEOUT"])
-    else:
-        if backend == "postgresql":
-            connect_args["connect_timeout"] = connect_timeout
-            connect_args["application_name"] = app_name
-        elif backend in ("mysql", "mariadb"):
-            url = url.update_query_dict({"charset": "utf8mb4"})
-            connect_args["connect_timeout"] = connect_timeout
-            connect_args["program_name"] = app_name
-
-    engine = create_engine(url, connect_args=connect_args, **options)
-    if backend == "sqlite":
-        _configure_sqlite(engine)
-    if not probe:
-        _all_engines.add(engine)
-    return engine
+        session.info.pop("on_commit", None)
+        session.info.pop("flushed", None)
 
 
-def _pool_options(config: Any) -> dict[str, Any]:
-    return {
-        "pool_size": int(config["DATABASE_POOL_SIZE"]),
-        "max_overflow": int(config["DATABASE_MAX_OVERFLOW"]),
-        "pool_timeout": float(config["DATABASE_POOL_TIMEOUT"]),
-        "pool_recycle": int(config["DATABASE_POOL_RECYCLE"]),
-    }
+def _descends_from(transaction: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
+    while transaction is not None:
+        if transaction is ancestor:
+            return True
+        transaction = transaction.parent
+    return False
 
 
-def _resolve_url(raw: str | URL, instance_path: str) -> URL:
-    """Parse the URL; a relative SQLite path is taken relative to the instance folder."""
-    url = make_url(raw)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        if not os.path.isabs(url.database) and not url.database.startswith("file:"):
-            os.makedirs(instance_path, exist_ok=True)
-            url = url.set(database=os.path.join(instance_path, url.database))
-    return url
+# -- query budget (debug and tests) --------------------------------------------------
+
+_TRANSACTION_CONTROL = ("BEGIN", "SAVEPOINT", "RELEASE", "ROLLBACK", "COMMIT")
 
 
-def _configure_sqlite(engine: Engine) -> None:
-    """Give SQLite real transactions: WAL, foreign keys, and an up-front write lock.
+def _watch_query_budget(app: Flask, engine: Engine, budget: int) -> None:
+    """Count each request's statements; warn past the budget (an N+1 query is the usual
+    cause) and, in debug, show the count in an ``X-Query-Count`` header."""
 
-    Python 3.11's sqlite3 issues its own BEGIN lazily, before the first write, which
-    breaks SAVEPOINTs and lets a read-then-write transaction fail at once with
-    "database is locked" whatever the busy timeout. So we switch its handling off and
-    emit BEGIN ourselves: BEGIN IMMEDIATE (take the write lock up front, waiting up to
-    the busy timeout) except for requests whose method promises not to write.
-    """
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA foreign_keys=ON")
-        if engine.url.database not in (None, "", ":memory:"):
-            cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.close()
+    @event.listens_for(engine, "before_cursor_execute")
+    def _count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if has_request_context() and not statement.startswith(_TRANSACTION_CONTROL):
+            g.query_count = g.get("query_count", 0) + 1
 
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        if has_request_context() and request.method in _READ_ONLY_METHODS:
-            connection.exec_driver_sql("BEGIN")
-        else:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-# -- process lifecycle ---------------------------------------------------------------
-
-_hooks_registered = False
-
-
-def _register_process_hooks() -> None:
-    """Keep pooled connections from crossing a fork, and close them at exit."""
-    global _hooks_registered
-    if _hooks_registered:
-        return
-    _hooks_registered = True
-    os.register_at_fork(after_in_child=forget_inherited_connections)
-    atexit.register(dispose_all_engines)
-
-
-def forget_inherited_connections() -> None:
-    """Drop, without closing, every pooled connection this process inherited.
-
-    close=False: the sockets belong to the parent (e.g. the gunicorn master with
-    --preload); the child drops its references and opens its own connections.
-    """
-    for engine in list(_all_engines):
-        engine.dispose(close=False)
-
-
-def dispose_all_engines() -> None:
-    """Close every pooled connection, e.g. when a worker exits."""
-    for engine in list(_all_engines):
-        engine.dispose()
-
-
-
-
-def mask_url(url: str | URL) -> str:
-    """Render a database URL with its password replaced by ***."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable database URL>"
-
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line that says what went wrong with the database, with no secrets in it.
-
-    The driver's message is kept (it names the host, port or user, never the
-    password); the SQL and its parameters are dropped.
-    """
-    original = getattr(exc, "orig", None) or exc
-    lines = [line.strip() for line in str(original).splitlines() if line.strip()]
-    message = lines[0] if lines else "no details"
-    return f"{type(original).__name__}: {message}"[:300]
+    @app.after_request
+    def _report(response: Response) -> Response:
+        count = g.get("query_count", 0)
+        if count > budget:
+            log.warning("%s %s sent %d queries (budget %d)", request.method, request.path, count, budget)
+        if app.debug:
+            response.headers["X-Query-Count"] = str(count)
+        return response
 
 
 db = Database()

@@ -8,7 +8,7 @@ from flask import Flask, render_template
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
-from .database import describe_error
+from .engine import describe_error
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from flask import Blueprint
 from sqlalchemy.exc import SQLAlchemyError
 
-from .database import db, describe_error
+from .database import db
+from .engine import describe_error
 
 bp = Blueprint("health", __name__)
 

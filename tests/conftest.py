@@ -34,6 +34,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "backends(*names): run only on these backends")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out, rather than skip, the backend variants a ``backends`` mark excludes."""
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("backends")
+        params = getattr(item, "callspec", None)
+        name = params.params.get("backend") if params is not None else None
+        (dropped if marker and name and name not in marker.args else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @dataclass
 class Backend:
     name: str
@@ -115,9 +128,6 @@ def app_config() -> dict[str, Any]:
 
 @pytest.fixture
 def app(request: pytest.FixtureRequest, backend: Backend, app_config: dict[str, Any]) -> Iterator[Flask]:
-    marker = request.node.get_closest_marker("backends")
-    if marker is not None and backend.name not in marker.args:
-        pytest.skip(f"not a {backend.name} test")
     app = make_app(backend.url, **app_config)
     engine = app.extensions["myapp.database"].engine
     if request.node.get_closest_marker("real_commits"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -11,7 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Session
 from werkzeug.security import generate_password_hash
 
-from myapp.database import Base, Database, db, describe_error, mask_url
+from myapp.database import Base, Database, LostWriteError, db
+from myapp.engine import describe_error, mask_url
 from myapp.models import Post, User
 
 from .conftest import Backend, make_app
@@ -85,7 +87,8 @@ def test_backend_specific_connection_setup(app: Flask, backend: Backend) -> None
             assert db.session.execute(text("PRAGMA foreign_keys")).scalar() == 1
             assert db.session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         elif backend.name == "postgresql":
-            assert db.session.execute(text("SHOW application_name")).scalar() == "myapp-test"
+            name = db.session.execute(text("SHOW application_name")).scalar()
+            assert name == f"myapp-test:{os.getpid()}"
         else:
             charset = db.session.execute(text("SELECT @@character_set_connection")).scalar()
             assert charset == "utf8mb4"
@@ -305,5 +308,8 @@ def test_negative_control_thread_local_registry_loses_the_outer_write(
         db.session.commit()
         return "ok"
 
-    assert client.post("/_test/nested").status_code == 200
+    # The inner teardown removed the shared session: the write is lost, and the
+    # lost-write check says so.
+    with pytest.raises(LostWriteError, match="new User"):
+        client.post("/_test/nested")
     assert _count_users(app) == 0

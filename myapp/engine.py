@@ -1,0 +1,226 @@
+"""Engines, set up right for each backend, and kept safe across forks and exits."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from flask import has_request_context, request
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import NullPool, StaticPool
+
+log = logging.getLogger("myapp.sql")
+
+# Request methods that promise not to write; SQLite may start their transactions
+# deferred, so that readers do not queue behind the write lock.
+READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+# Every pooled engine, so that a fork or the interpreter's exit can reach them.
+_all_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def make_engine(config: Mapping[str, Any], instance_path: str, *, probe: bool = False) -> Engine:
+    """Create the engine for ``DATABASE_URL`` with the options its backend needs.
+
+    A probe engine has no pool and a short connect timeout: each ping opens a fresh
+    connection, which proves the server still accepts new ones.
+    """
+    url = _resolve_url(config["DATABASE_URL"], instance_path)
+    backend = url.get_backend_name()
+    options: dict[str, Any] = {
+        "pool_pre_ping": True,
+        "hide_parameters": True,
+        "echo": bool(config.get("DATABASE_ECHO", False)),
+    }
+    connect_args: dict[str, Any] = {}
+    connect_timeout = int(config["DATABASE_PING_TIMEOUT" if probe else "DATABASE_CONNECT_TIMEOUT"])
+    statement_timeout_ms = int(config.get("DATABASE_STATEMENT_TIMEOUT") or 0)
+
+    if backend == "sqlite" and _is_memory(url):
+        options["poolclass"] = StaticPool  # one database shared by every session
+        connect_args["check_same_thread"] = False
+    elif probe:
+        options["poolclass"] = NullPool
+    else:
+        options.update(
+            pool_size=int(config["DATABASE_POOL_SIZE"]),
+            max_overflow=int(config["DATABASE_MAX_OVERFLOW"]),
+            pool_timeout=float(config["DATABASE_POOL_TIMEOUT"]),
+            pool_recycle=int(config["DATABASE_POOL_RECYCLE"]),
+        )
+
+    if backend == "sqlite":
+        connect_args["timeout"] = float(config["SQLITE_BUSY_TIMEOUT"])
+    elif backend == "postgresql":
+        connect_args["connect_timeout"] = connect_timeout
+        if statement_timeout_ms:
+            connect_args["options"] = f"-c statement_timeout={statement_timeout_ms}"
+    elif backend in ("mysql", "mariadb"):
+        url = url.update_query_dict({"charset": "utf8mb4"})
+        connect_args["connect_timeout"] = connect_timeout
+        if statement_timeout_ms:
+            connect_args["init_command"] = f"SET SESSION max_statement_time={statement_timeout_ms / 1000}"
+
+    engine = create_engine(url, connect_args=connect_args, **options)
+    if backend == "sqlite":
+        _configure_sqlite(engine)
+    else:
+        _name_connections(engine, config["DATABASE_APP_NAME"])
+    slow_ms = config.get("DATABASE_SLOW_QUERY_MS")
+    if slow_ms:
+        _log_slow_queries(engine, float(slow_ms))
+    if not probe:
+        _all_engines.add(engine)
+    return engine
+
+
+def _is_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:")
+
+
+def _resolve_url(raw: str | URL, instance_path: str) -> URL:
+    """Parse the URL; a relative SQLite path is taken relative to the instance folder."""
+    url = make_url(raw)
+    if url.get_backend_name() == "sqlite" and not _is_memory(url):
+        assert url.database is not None
+        if not os.path.isabs(url.database) and not url.database.startswith("file:"):
+            os.makedirs(instance_path, exist_ok=True)
+            url = url.set(database=os.path.join(instance_path, url.database))
+    return url
+
+
+def _name_connections(engine: Engine, app_name: str) -> None:
+    """Label every connection with the app and the worker's pid, so that an operator
+    (or a fault test) can tell whose connection a server-side session is."""
+    key = "application_name" if engine.dialect.name == "postgresql" else "program_name"
+
+    @event.listens_for(engine, "do_connect")
+    def _label(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        # At connect time, not at engine creation: with --preload the engine is made
+        # in the gunicorn master, the connections in each worker.
+        cparams[key] = f"{app_name}:{os.getpid()}"
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """Give SQLite real transactions: WAL, foreign keys, and an up-front write lock.
+
+    Python 3.11's sqlite3 issues its own BEGIN lazily, before the first write, which
+    breaks SAVEPOINTs and lets a read-then-write transaction fail at once with
+    "database is locked" whatever the busy timeout. So we switch its handling off and
+    emit BEGIN ourselves: BEGIN IMMEDIATE (take the write lock up front, waiting up to
+    the busy timeout) except for requests whose method promises not to write.
+    """
+    memory = _is_memory(engine.url)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        if not memory:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        if has_request_context() and request.method in READ_ONLY_METHODS:
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _log_slow_queries(engine: Engine, threshold_ms: float) -> None:
+    """Log statements slower than the threshold: statement, duration, endpoint; never
+    the parameters (they may hold a password hash or personal data)."""
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _start(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        conn.info.setdefault("myapp.query_started", []).append(time.perf_counter())
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _stop(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        elapsed_ms = (time.perf_counter() - conn.info["myapp.query_started"].pop()) * 1000
+        if elapsed_ms >= threshold_ms:
+            endpoint = request.endpoint if has_request_context() else "-"
+            log.warning("slow query (%.0f ms) in %s: %s", elapsed_ms, endpoint, " ".join(statement.split()))
+
+
+# -- process lifecycle ---------------------------------------------------------------
+
+_hooks_registered = False
+
+
+def register_process_hooks() -> None:
+    """Keep pooled connections from crossing a fork, and close them at exit."""
+    global _hooks_registered
+    if _hooks_registered:
+        return
+    _hooks_registered = True
+    os.register_at_fork(after_in_child=forget_inherited_connections)
+    atexit.register(dispose_all_engines)
+
+
+def forget_inherited_connections() -> None:
+    """Drop, without closing, every pooled connection this process inherited.
+
+    close=False: the sockets belong to the parent (e.g. the gunicorn master with
+    --preload); the child drops its references and opens its own connections.
+    """
+    for engine in list(_all_engines):
+        engine.dispose(close=False)
+
+
+def dispose_all_engines() -> None:
+    """Close every pooled connection, so the server sees a clean goodbye instead of
+    waiting for a socket to time out, and a smart shutdown is not held up."""
+    for engine in list(_all_engines):
+        engine.dispose()
+
+
+# -- saying what went wrong, safely ---------------------------------------------------
+
+
+def mask_url(url: str | URL) -> str:
+    """Render a database URL with its password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line that says what went wrong with the database, with no secrets in it.
+
+    The driver's message is kept (it names the host, port or user, never the
+    password); the SQL and its parameters are dropped.
+    """
+    original = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(original).splitlines() if line.strip()]
+    message = lines[0] if lines else "no details"
+    return f"{type(original).__name__}: {message}"[:300]
+
+
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+_RETRYABLE_MYSQL_CODES = frozenset({1213})  # deadlock found when trying to get lock
+
+
+def is_retryable(error: BaseException) -> bool:
+    """True for failures that a fresh run of the same unit of work may not meet again."""
+    original = getattr(error, "orig", None)
+    if original is None:
+        return False
+    if getattr(original, "sqlstate", None) in _RETRYABLE_SQLSTATES:
+        return True
+    args = getattr(original, "args", ())
+    if args and args[0] in _RETRYABLE_MYSQL_CODES:
+        return True
+    message = str(original)
+    return type(original).__module__.startswith("sqlite3") and (
+        "database is locked" in message or "database is busy" in message
+    )
