@@ -46,6 +46,7 @@ ENVIRONMENT_SETTINGS: dict[str, Callable[[str], Any]] = {
     "DATABASE_SLOW_QUERY_MS": float,
     "DATABASE_QUERY_BUDGET": int,
     "DATABASE_COMMIT_ON_SUCCESS": _as_bool,
+    "DATABASE_READ_ONLY_AUTOCOMMIT": _as_bool,
     "SQLITE_BUSY_TIMEOUT": float,
     "POSTS_PER_PAGE": int,
 }
@@ -72,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_SLOW_QUERY_MS": 500,  # log statements slower than this (0: off)
     "DATABASE_QUERY_BUDGET": 30,  # debug and tests: warn when a request sends more
     "DATABASE_COMMIT_ON_SUCCESS": False,  # commit requests that wrote and answered 2xx/3xx
+    # PostgreSQL: GET/HEAD requests read in autocommit until their first write.
+    "DATABASE_READ_ONLY_AUTOCOMMIT": True,
     "SQLITE_BUSY_TIMEOUT": 5.0,
     "POSTS_PER_PAGE": 20,
     "MIGRATIONS_DIR": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations"),

@@ -562,3 +562,59 @@ def test_connections_carry_app_name_and_pid(backend: Backend) -> None:
     engine.dispose()
     key = "application_name" if backend.name == "postgresql" else "program_name"
     assert seen and seen[0][key] == f"labelled:{os.getpid()}"
+
+
+# -- 7. read-only requests pay no transaction round trips -----------------------------
+
+
+def _transaction_status(session: Any) -> str:
+    """psycopg's view of the connection a plain SELECT would use: IDLE or INTRANS."""
+    connection = session.connection(bind_arguments={"clause": select(User)})
+    return connection.connection.dbapi_connection.info.transaction_status.name
+
+
+@pytest.mark.real_commits
+@pytest.mark.backends("postgresql")
+def test_read_only_request_reads_without_a_transaction(app: Flask, client) -> None:
+    @app.route("/_test/status", methods=["GET", "POST"])
+    def status() -> str:
+        db.session.scalar(select(func.count()).select_from(User))
+        return _transaction_status(db.session)
+
+    assert client.get("/_test/status").text == "IDLE"  # autocommit: no BEGIN was sent
+    assert client.post("/_test/status").text == "INTRANS"  # a POST is one transaction
+
+
+@pytest.mark.real_commits
+@pytest.mark.backends("postgresql")
+def test_negative_control_setting_off_reads_in_a_transaction(backend: Backend) -> None:
+    app = make_app(backend.url, DATABASE_READ_ONLY_AUTOCOMMIT=False)
+
+    @app.get("/_test/status")
+    def status() -> str:
+        db.session.scalar(select(func.count()).select_from(User))
+        return _transaction_status(db.session)
+
+    assert app.test_client().get("/_test/status").text == "INTRANS"
+    app.extensions["myapp.database"].engine.dispose()
+
+
+@pytest.mark.real_commits
+def test_a_write_in_a_read_only_request_is_still_transactional(app: Flask, client) -> None:
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    seen: dict[str, Any] = {}
+
+    @app.get("/_test/get-that-writes")
+    def get_that_writes() -> str:
+        db.session.scalar(select(func.count()).select_from(User))
+        add_user("first")
+        db.session.flush()
+        # Read-your-writes: the flushed row is visible to this request's next read.
+        seen["count"] = db.session.scalar(select(func.count()).select_from(User))
+        add_user("first")  # duplicate: the whole unit must roll back
+        db.session.commit()
+        return "unreachable"
+
+    assert client.get("/_test/get-that-writes").status_code == 500
+    assert seen["count"] == 1
+    assert usernames(app) == []
