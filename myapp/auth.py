@@ -126,12 +126,11 @@ def register() -> str | Response:
             form.username.errors.append(USERNAME_TAKEN)  # type: ignore[attr-defined]
         else:
             password_hash = generate_password_hash(cast(str, form.password.data))
-            db.session.add(User(username=username, password_hash=password_hash))
             try:
-                db.session.commit()
+                with db.transaction() as session:
+                    session.add(User(username=username, password_hash=password_hash))
             except IntegrityError:
                 # Someone registered the same name between our check and our insert.
-                db.session.rollback()
                 form.username.errors.append(USERNAME_TAKEN)  # type: ignore[attr-defined]
             else:
                 flash("Your account is ready. Please log in.", "success")

@@ -24,7 +24,7 @@ from alembic.util import CommandError
 from flask import Flask, current_app
 from flask.cli import AppGroup
 from sqlalchemy import func, insert, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 from werkzeug.security import generate_password_hash
 
@@ -165,8 +165,11 @@ def user_create(username: str, password: str) -> None:
     username, password = _validated_credentials(username, password)
     if db.session.scalar(select(User.id).where(User.username == username)) is not None:
         raise click.ClickException(f"the username {username!r} is already taken")
-    db.session.add(User(username=username, password_hash=generate_password_hash(password)))
-    db.session.commit()
+    try:
+        with db.transaction() as session:
+            session.add(User(username=username, password_hash=generate_password_hash(password)))
+    except IntegrityError:
+        raise click.ClickException(f"the username {username!r} is already taken") from None
     click.echo(f"Created user {username}.")
 
 
@@ -199,8 +202,8 @@ def user_set_password(username: str, password: str) -> None:
     user = db.session.scalar(select(User).where(User.username == username))
     if user is None:
         raise click.ClickException(f"no user named {username!r}")
-    user.password_hash = generate_password_hash(password)
-    db.session.commit()
+    with db.transaction():
+        user.password_hash = generate_password_hash(password)
     click.echo(f"Password of {username} changed.")
 
 
@@ -229,8 +232,8 @@ def seed(user_count: int, post_count: int) -> None:
                 {"username": f"{prefix}{start + i + 1}", "password_hash": password_hash, "created_at": utcnow()}
                 for i in range(size)
             ]
-            db.session.execute(insert(User), rows)
-            db.session.commit()
+            with db.transaction() as session:
+                session.execute(insert(User), rows)
             bar.update(size)
 
     author_ids = list(db.session.scalars(select(User.id)))
@@ -251,8 +254,8 @@ def seed(user_count: int, post_count: int) -> None:
                 }
                 for i in range(size)
             ]
-            db.session.execute(insert(Post), rows)
-            db.session.commit()
+            with db.transaction() as session:
+                session.execute(insert(Post), rows)
             bar.update(size)
     if user_count:
         click.echo(f"Seeded users share the password {SEED_PASSWORD!r}.")

@@ -8,6 +8,7 @@ from flask import Flask, render_template
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
+from .database import db
 from .engine import describe_error
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,12 @@ def init_app(app: Flask) -> None:
 
 
 def error_page(code: int, description: str | None = None) -> str:
-    """Render the error page; it reads nothing from the database."""
+    """Render the error page; it reads nothing from the database.
+
+    The session is rolled back first: whatever the failed request half-did must not be
+    committed by anything later, and a broken connection goes back to the pool now.
+    """
+    db.rollback()
     title, message = _MESSAGES.get(code, (str(code), ""))
     return render_template("error.html", code=code, title=title, message=description or message)
 

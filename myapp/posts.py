@@ -112,8 +112,8 @@ def create() -> str | Response:
     form = PostForm()
     if form.validate_on_submit():
         post = Post(title=form.title.data, body=form.body.data, author=g.user)
-        db.session.add(post)
-        db.session.commit()
+        with db.transaction() as session:
+            session.add(post)
         flash("Your post is published.", "success")
         return redirect(url_for("posts.detail", post_id=post.id))
     return render_template("posts/form.html", form=form, post=None)
@@ -129,12 +129,12 @@ def edit(post_id: int) -> tuple[str, int] | str | Response:
     elif form.validate_on_submit():
         if form.version.data != str(post.version):
             return _conflict(form, post)
-        post.title = cast(str, form.title.data)
-        post.body = cast(str, form.body.data)
         try:
-            db.session.commit()
+            with db.transaction():
+                post.title = cast(str, form.title.data)
+                post.body = cast(str, form.body.data)
         except StaleDataError:
-            db.session.rollback()
+            # The version check in the UPDATE lost a race with another save.
             return _conflict(form, post)
         flash("Your changes are saved.", "success")
         return redirect(url_for("posts.detail", post_id=post.id))
@@ -155,7 +155,7 @@ def _conflict(form: PostForm, post: Post) -> tuple[str, int]:
 @bp.post("/posts/<int:post_id>/delete")
 @login_required
 def delete(post_id: int) -> Response:
-    db.session.delete(get_post(post_id))
-    db.session.commit()
+    with db.transaction() as session:
+        session.delete(get_post(post_id))
     flash("The post is deleted.", "info")
     return redirect(url_for("index"))
