@@ -32,6 +32,8 @@ SECRET_KEY = "test-secret-key-" + "x" * 32
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "real_commits: run without the rollback-per-test isolation")
     config.addinivalue_line("markers", "backends(*names): run only on these backends")
+    config.addinivalue_line("markers", "faults: the fault suite (throwaway servers, load, races)")
+    config.addinivalue_line("markers", "e2e: end-to-end tests in a real browser")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
