@@ -618,3 +618,23 @@ def test_a_write_in_a_read_only_request_is_still_transactional(app: Flask, clien
     assert client.get("/_test/get-that-writes").status_code == 500
     assert seen["count"] == 1
     assert usernames(app) == []
+
+
+# -- the app itself uses the unit-of-work helper -------------------------------------
+
+
+def test_views_and_commands_commit_only_through_db_transaction() -> None:
+    """Outside database.py, commits go through ``db.transaction()``: a bare
+    ``commit()`` in a view or a command is the scattered-commit style this layer replaces."""
+    package = ROOT / "myapp"
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "database.py"
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if ".commit()" in line
+    ]
+    assert offenders == []
+    # The guard is not vacuous: the views it scans do write through the helper.
+    assert "db.transaction()" in (package / "posts.py").read_text()
+    assert "db.transaction()" in (package / "cli.py").read_text()
