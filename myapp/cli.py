@@ -22,7 +22,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from flask import Flask, current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from werkzeug.datastructures import MultiDict
@@ -79,7 +79,8 @@ def db_upgrade(revision: str) -> None:
     click.echo(f"Database upgraded to {revision}.")
 
 
-@db_cli.command("downgrade")
+# ignore_unknown_options: a relative revision such as -2 is an argument, not an option.
+@db_cli.command("downgrade", context_settings={"ignore_unknown_options": True})
 @click.argument("revision", default="-1")
 @one_line_errors
 def db_downgrade(revision: str) -> None:
@@ -117,13 +118,15 @@ def db_check() -> None:
 def db_status() -> None:
     """Show the backend, the URL (password masked), revisions, pool figures and ping."""
     engine = db.get_engine()
+    # Which database, before touching it: when it is down, the operator still sees
+    # which (masked) URL the error line is about.
+    click.echo(f"{'backend':<9}{engine.dialect.name} ({engine.driver})")
+    click.echo(f"{'url':<9}{mask_url(engine.url)}")
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     latency = db.ping()
     current = _current_revision()
     pool = engine.pool
     rows = [
-        ("backend", f"{engine.dialect.name} ({engine.driver})"),
-        ("url", mask_url(engine.url)),
         ("revision", f"{current or '(empty)'} (head: {head}{', up to date' if current == head else ', run flask db upgrade'})"),
         ("pool", pool.status() if hasattr(pool, "status") else type(pool).__name__),
         ("ping", f"{latency * 1000:.1f} ms"),
@@ -216,6 +219,7 @@ _SEED_BATCH = 500
 @click.command("seed")
 @click.option("--users", "user_count", type=click.IntRange(0, 1_000_000), default=10, show_default=True)
 @click.option("--posts", "post_count", type=click.IntRange(0, 10_000_000), default=100, show_default=True)
+@with_appcontext  # a plain click command gets no app context from app.test_cli_runner()
 @one_line_errors
 def seed(user_count: int, post_count: int) -> None:
     """Fill the database with demo users and posts, in batches of 500.

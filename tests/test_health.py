@@ -1,0 +1,92 @@
+"""The probes: /healthz never needs the database, /readyz says whether it answers."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from .conftest import assert_num_queries, count_queries, make_app
+
+# One database that cannot be reached per backend; each URL carries a password.
+UNREACHABLE = {
+    "postgresql": "postgresql+psycopg://u:s3cret@127.0.0.1:1/x",
+    "mysql": "mysql+pymysql://u:s3cret@127.0.0.1:1/x",
+    "sqlite": "sqlite:////nonexistent-directory/s3cret/x.sqlite",
+}
+
+
+@pytest.fixture(params=list(UNREACHABLE))
+def down_app(request: pytest.FixtureRequest) -> Iterator[Flask]:
+    app = make_app(UNREACHABLE[request.param])
+    yield app
+    app.extensions["myapp.database"].engine.dispose()
+
+
+def test_healthz_answers_without_the_database(app: Flask) -> None:
+    with assert_num_queries(app, 0):
+        response = app.test_client().get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+
+
+def test_healthz_is_alive_while_the_database_is_down(down_app: Flask) -> None:
+    engine = down_app.extensions["myapp.database"].engine
+    with count_queries(down_app) as log:
+        response = down_app.test_client().get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+    assert log.count == 0
+    assert engine.pool.checkedout() == 0
+
+
+def test_readyz_reports_latency_when_the_database_answers(app: Flask) -> None:
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "ready"
+    assert isinstance(body["database_latency_ms"], (int, float)) and body["database_latency_ms"] >= 0
+
+
+def test_readyz_is_503_with_a_reason_when_the_database_is_down(down_app: Flask) -> None:
+    response = down_app.test_client().get("/readyz")
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["status"] == "unavailable"
+    assert body["reason"].startswith("OperationalError: ")
+    assert "\n" not in body["reason"]
+    assert "s3cret" not in response.get_data(as_text=True)
+
+
+def test_readyz_uses_a_fresh_connection_not_the_pool(app: Flask) -> None:
+    """A pooled connection could stay green while the server refuses new ones."""
+    pool = app.extensions["myapp.database"].engine.pool
+    before = (pool.checkedin(), pool.checkedout())
+    with count_queries(app) as log:
+        assert app.test_client().get("/readyz").status_code == 200
+    assert (pool.checkedin(), pool.checkedout()) == before
+    assert log.count == 0  # the SELECT 1 went through the probe engine, not the app's
+
+
+def test_readyz_follows_the_database_going_away(backend_file: Path) -> None:
+    """SQLite: ready while the file's folder exists, unavailable once it cannot be opened."""
+    app = make_app(f"sqlite:///{backend_file}")
+    try:
+        client = app.test_client()
+        assert client.get("/readyz").status_code == 200
+        shutil.rmtree(backend_file.parent)
+        response = client.get("/readyz")
+        assert response.status_code == 503 and "unable to open" in response.get_json()["reason"]
+        assert client.get("/healthz").status_code == 200
+    finally:
+        app.extensions["myapp.database"].engine.dispose()
+
+
+@pytest.fixture
+def backend_file(tmp_path: Path) -> Path:
+    folder = tmp_path / "db"
+    folder.mkdir()
+    return folder / "ready.sqlite"
