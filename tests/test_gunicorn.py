@@ -58,22 +58,33 @@ def start_gunicorn(database_url: str, tmp_path: Path, **env: str) -> Server:
     }
     with log.open("wb") as sink:  # a file, not a pipe: nothing can block on a full pipe
         process = subprocess.Popen(
-            [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
+            # No control socket: gunicorn 27 puts it at one path in $HOME, which test
+            # servers running side by side would fight over.
+            [str(GUNICORN), "-c", "gunicorn.conf.py", "--no-control-socket", "wsgi:app"],
             cwd=ROOT, env=environment, stdout=sink, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
     server = Server(process, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 30
+    try:
+        wait_until_serving(server)
+    except BaseException:
+        stop_gunicorn(server)  # never leave a server behind a failed start
+        raise
+    return server
+
+
+def wait_until_serving(server: Server, seconds: float = 60) -> None:
+    """Poll /healthz; on a loaded machine a worker can take seconds to import the app."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"gunicorn exited with {process.returncode}:\n{server.log_text()}")
+        if server.process.poll() is not None:
+            raise AssertionError(f"gunicorn exited with {server.process.returncode}:\n{server.log_text()}")
         try:
-            if requests.get(f"{server.url}/healthz", timeout=1).status_code == 200:
-                return server
-        except requests.ConnectionError:
+            if requests.get(f"{server.url}/healthz", timeout=5).status_code == 200:
+                return
+        except (requests.ConnectionError, requests.Timeout):
             time.sleep(0.1)
-    stop_gunicorn(server)
-    raise AssertionError(f"gunicorn did not answer within 30 s:\n{server.log_text()}")
+    raise AssertionError(f"gunicorn did not answer within {seconds:.0f} s:\n{server.log_text()}")
 
 
 def stop_gunicorn(server: Server) -> None:
