@@ -16,7 +16,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     config.load_config(app, test_config)
 
-    from . import auth, cli, errors, health, posts
+    from . import auth, cli, errors, health, posts, security
     from .database import db
 
     db.init_app(app)
@@ -28,4 +28,6 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(auth.bp)
     app.register_blueprint(posts.bp)
     app.add_url_rule("/", endpoint="index")
+    # Last: it wraps the login view in its rate limits and adds headers to every response.
+    security.init_app(app)
     return app

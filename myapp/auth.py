@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, TypeGuard, TypeVar, cast
 from urllib.parse import urlsplit
 
 from flask import (
@@ -45,11 +45,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def init_app(app: Flask) -> None:
-    csrf.init_app(app)
+    # The user first, so that a CSRF 400 page still shows who is logged in.
     app.before_request(load_logged_in_user)
+    csrf.init_app(app)
 
 
-class CredentialsForm(FlaskForm):
+class CredentialsForm(FlaskForm):  # type: ignore[misc]  # Flask-WTF ships no type hints
     username = StringField(
         "Username",
         filters=[lambda value: normalize_username(value) if value else value],
@@ -68,7 +69,7 @@ class CredentialsForm(FlaskForm):
     )
 
 
-class LoginForm(FlaskForm):
+class LoginForm(FlaskForm):  # type: ignore[misc]
     # No format rules here: a login form only answers "yes" or "no".
     username = StringField(
         "Username",
@@ -88,6 +89,8 @@ def load_logged_in_user() -> None:
     """
     g.user = None
     g.username = None
+    if request.endpoint == "static":
+        return  # a stylesheet needs no user, and must load while the database is down
     user_id = session.get("user_id")
     if isinstance(user_id, int):
         g.user = db.session.get(User, user_id)
@@ -107,7 +110,7 @@ def login_required(view: F) -> F:
     return cast(F, wrapped_view)
 
 
-def is_safe_redirect(target: str | None) -> bool:
+def is_safe_redirect(target: str | None) -> TypeGuard[str]:
     """Only a path on this site: no scheme, no host, no tricks browsers resolve off-site."""
     if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
         return False
@@ -123,7 +126,7 @@ def register() -> str | Response:
     if form.validate_on_submit():
         username = cast(str, form.username.data)
         if db.session.scalar(select(User.id).where(User.username == username)) is not None:
-            form.username.errors.append(USERNAME_TAKEN)  # type: ignore[attr-defined]
+            form.username.errors.append(USERNAME_TAKEN)
         else:
             password_hash = generate_password_hash(cast(str, form.password.data))
             try:
@@ -131,18 +134,22 @@ def register() -> str | Response:
                     session.add(User(username=username, password_hash=password_hash))
             except IntegrityError:
                 # Someone registered the same name between our check and our insert.
-                form.username.errors.append(USERNAME_TAKEN)  # type: ignore[attr-defined]
+                form.username.errors.append(USERNAME_TAKEN)
             else:
                 flash("Your account is ready. Please log in.", "success")
                 return redirect(url_for("auth.login"))
     return render_template("auth/register.html", form=form)
 
 
+# myapp.security wraps this view in the login rate limits: failed attempts per
+# username and per client address (a failure is a 200 re-showing the form).
 @bp.route("/login", methods=("GET", "POST"))
 def login() -> str | Response:
     form = LoginForm()
     if form.validate_on_submit():
-        user = db.session.scalar(select(User).where(User.username == form.username.data))
+        username = cast(str, form.username.data)
+        # No account name holds a NUL, and PostgreSQL refuses one even in a WHERE clause.
+        user = None if "\x00" in username else db.session.scalar(select(User).where(User.username == username))
         password = cast(str, form.password.data)
         if user is None:
             check_password_hash(_DUMMY_HASH, password)

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from flask import Flask
+from limits import parse_many
 
 
 class ConfigError(click.ClickException):
@@ -49,6 +50,16 @@ ENVIRONMENT_SETTINGS: dict[str, Callable[[str], Any]] = {
     "DATABASE_READ_ONLY_AUTOCOMMIT": _as_bool,
     "SQLITE_BUSY_TIMEOUT": float,
     "POSTS_PER_PAGE": int,
+    "SESSION_COOKIE_SECURE": _as_bool,
+    "PROXY_FIX_X_FOR": int,
+    "PROXY_FIX_X_PROTO": int,
+    "PROXY_FIX_X_HOST": int,
+    "PROXY_FIX_X_PORT": int,
+    "PROXY_FIX_X_PREFIX": int,
+    "RATELIMIT_ENABLED": _as_bool,
+    "RATELIMIT_STORAGE_URI": str,
+    "LOGIN_RATE_LIMIT": str,
+    "LOGIN_RATE_LIMIT_PER_ADDRESS": str,
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -81,7 +92,22 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 1024 * 1024,
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",
+    # Also Secure whenever the request came over HTTPS (see PROXY_FIX_X_PROTO).
+    "SESSION_COOKIE_SECURE": False,
     "WTF_CSRF_TIME_LIMIT": None,  # the token lives as long as the session cookie
+    # How many proxies in front of the app set each X-Forwarded-* header (0: trust
+    # none). Set only what your own proxy overwrites: a client can send these too.
+    "PROXY_FIX_X_FOR": 0,
+    "PROXY_FIX_X_PROTO": 0,
+    "PROXY_FIX_X_HOST": 0,
+    "PROXY_FIX_X_PORT": 0,
+    "PROXY_FIX_X_PREFIX": 0,
+    # Failed logins allowed per username and per client address (Flask-Limiter
+    # syntax, e.g. "5 per minute;20 per hour"). None: on, except under TESTING.
+    "RATELIMIT_ENABLED": None,
+    "RATELIMIT_STORAGE_URI": "myapp-db://",  # the app's own database, shared by workers
+    "LOGIN_RATE_LIMIT": "5 per minute",
+    "LOGIN_RATE_LIMIT_PER_ADDRESS": "30 per minute",
 }
 
 _WEAK_SECRET_KEYS = {"dev", "secret", "changeme", "change-me"}
@@ -95,6 +121,16 @@ def load_config(app: Flask, test_config: Mapping[str, Any] | None) -> None:
     if test_config is not None:
         app.config.from_mapping(test_config)
     _check_secret_key(app)
+    _check_rate_limits(app)
+
+
+def check_settings() -> None:
+    """Load the settings as ``create_app`` would and raise ConfigError if one is wrong.
+
+    For a server's master process (gunicorn's ``on_starting``), so that it refuses to
+    start in one line instead of every worker failing with a traceback.
+    """
+    load_config(Flask("myapp", instance_relative_config=True), None)
 
 
 def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -121,3 +157,14 @@ def _check_secret_key(app: Flask) -> None:
             "SECRET_KEY must be set to a random value of at least 32 characters "
             '(python -c "import secrets; print(secrets.token_hex(32))"), in .env or the environment.'
         )
+
+
+def _check_rate_limits(app: Flask) -> None:
+    for name in ("LOGIN_RATE_LIMIT", "LOGIN_RATE_LIMIT_PER_ADDRESS"):
+        try:
+            parse_many(str(app.config[name]))
+        except ValueError:
+            raise ConfigError(
+                f"{name} is invalid: {app.config[name]!r}; write it like \"5 per minute\" "
+                'or "5 per minute;20 per hour".'
+            ) from None

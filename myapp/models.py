@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 from datetime import datetime, timezone
 
-from sqlalchemy import ForeignKey, String, Text
+from sqlalchemy import Double, ForeignKey, String, Text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -13,11 +13,17 @@ from .database import Base
 
 USERNAME_MAX_LENGTH = 80
 TITLE_MAX_LENGTH = 200
+RATE_LIMIT_KEY_MAX_LENGTH = 255
 
 # Case- and space-sensitive on every backend: MariaDB's default collation would
 # otherwise treat "Alice" and "alice " as equal while PostgreSQL and SQLite do not.
 _UsernameType = String(USERNAME_MAX_LENGTH).with_variant(
     mysql.VARCHAR(USERNAME_MAX_LENGTH, collation="utf8mb4_bin"), "mysql", "mariadb"
+)
+
+# Rate-limit keys hold a normalised username: compared byte for byte, like usernames.
+_RateLimitKeyType = String(RATE_LIMIT_KEY_MAX_LENGTH).with_variant(
+    mysql.VARCHAR(RATE_LIMIT_KEY_MAX_LENGTH, collation="utf8mb4_bin"), "mysql", "mariadb"
 )
 
 
@@ -66,3 +72,21 @@ class Post(Base):
 
     def __repr__(self) -> str:
         return f"<Post {self.id} {self.title!r}>"
+
+
+class RateLimit(Base):
+    """One fixed-window counter of the login rate limiter (see ``myapp.security``).
+
+    In the app's database so that every gunicorn worker counts in the same place.
+    ``expires_at`` is in Unix seconds, a DOUBLE (MariaDB's FLOAT would round it to
+    minutes).
+    """
+
+    __tablename__ = "rate_limit"
+
+    key: Mapped[str] = mapped_column(_RateLimitKeyType, primary_key=True)
+    count: Mapped[int]
+    expires_at: Mapped[float] = mapped_column(Double, index=True)
+
+    def __repr__(self) -> str:
+        return f"<RateLimit {self.key!r} {self.count}>"

@@ -42,7 +42,7 @@ def _fits_the_body_column(form: FlaskForm, field: Any) -> None:
         )
 
 
-class PostForm(FlaskForm):
+class PostForm(FlaskForm):  # type: ignore[misc]  # Flask-WTF ships no type hints
     title = StringField(
         "Title",
         filters=[lambda value: value.strip() if value else value],

@@ -372,3 +372,11 @@ def test_login_required_sends_anonymous_visitors_to_login_and_back(client: Flask
     back = client.post(response.headers["Location"], data={"username": "alice", "password": "correct horse"})
     assert back.headers["Location"] == "/posts/new"
     assert client.get("/posts/new").status_code == 200
+
+
+def test_login_with_nul_in_username_is_the_usual_error(auth: AuthActions) -> None:
+    """PostgreSQL refuses NUL even in a WHERE clause; the answer must stay the plain "no"."""
+    auth.register()
+    response = auth.login("al\x00ice")
+    assert response.status_code == 200
+    assert BAD_LOGIN in response.get_data(as_text=True)

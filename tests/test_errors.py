@@ -156,6 +156,18 @@ def test_503_when_the_database_is_down_for_a_logged_in_visitor(down_app: Flask) 
     assert down_app.extensions["myapp.database"].engine.pool.checkedout() == 0
 
 
+def test_the_stylesheet_loads_while_the_database_is_down(down_app: Flask) -> None:
+    """The 503 page of a logged-in visitor must come out styled: static files never
+    load the user."""
+    client = down_app.test_client()
+    with client.session_transaction() as session:
+        session["user_id"] = 1
+    response = client.get("/static/style.css")
+    assert response.status_code == 200
+    assert response.mimetype == "text/css"
+    response.close()
+
+
 def test_503_when_the_connection_fails_mid_request(app: Flask, client: FlaskClient) -> None:
     """A statement the server cannot run because the database went away mid-request."""
 

@@ -243,6 +243,8 @@ def test_form_without_csrf_token_fails_cleanly(site: Server, page: Page, app: Fl
         assert answer.value.status == 400, tamper
         expect(page.locator("h1")).to_have_text("Bad request")
         assert_layout(page)
+        # The refusal page still knows who is logged in (the user loads before the check).
+        expect(page.locator(".site-header .who")).to_have_text("carol")
     assert stored_posts(app) == []
 
     # Logging out is a state change too: without the token it is refused.
@@ -281,6 +283,10 @@ def _unreachable_database(backend: Backend, tmp_path: Path) -> str:
 def test_database_down_gives_503_page_with_layout(
     site: Server, page: Page, backend: Backend, tmp_path: Path
 ) -> None:
+    # Logged in first: the session cookie reaches the down server too (cookies ignore
+    # the port), so its pages must render, styled, without loading the user.
+    register(page, site, "dave")
+    log_in(page, site, "dave")
     logs = tmp_path / "down"
     logs.mkdir()
     down = start_gunicorn(_unreachable_database(backend, tmp_path), logs, **SERVER_ENV)
