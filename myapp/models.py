@@ -59,7 +59,9 @@ class Post(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     author_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
     title: Mapped[str] = mapped_column(String(TITLE_MAX_LENGTH))
-    body: Mapped[str] = mapped_column(Text)
+    # MEDIUMTEXT on MariaDB/MySQL: TEXT holds 65,535 bytes, and 20,000 four-byte
+    # characters (the form's limit) are 80,000.
+    body: Mapped[str] = mapped_column(Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
     # Optimistic locking: an UPDATE that finds another version raises StaleDataError

@@ -21,7 +21,6 @@ from .models import TITLE_MAX_LENGTH, Post, User, normalize_username
 bp = Blueprint("posts", __name__)
 
 BODY_MAX_LENGTH = 20_000
-BODY_MAX_BYTES = 65_535  # MariaDB's TEXT column; 20,000 four-byte characters would not fit
 MAX_PAGE = 10_000  # an absurd page number is a 404, not an OFFSET the database must walk
 _MAX_ID = 2**31 - 1  # the largest id every backend's INTEGER holds
 
@@ -32,16 +31,6 @@ def _no_nul(form: FlaskForm, field: Any) -> None:
         raise ValidationError("This field contains a character that is not allowed.")
 
 
-def _fits_the_body_column(form: FlaskForm, field: Any) -> None:
-    # Over MariaDB's limit a strict server refuses the row (a 500); refuse it here, the
-    # same way on every backend.
-    if field.data and len(field.data.encode("utf-8", "surrogatepass")) > BODY_MAX_BYTES:
-        raise ValidationError(
-            "This text is too long for one post: emoji and many non-Latin characters "
-            "count as several. Shorten it or split it in two."
-        )
-
-
 class PostForm(FlaskForm):  # type: ignore[misc]  # Flask-WTF ships no type hints
     title = StringField(
         "Title",
@@ -49,7 +38,7 @@ class PostForm(FlaskForm):  # type: ignore[misc]  # Flask-WTF ships no type hint
         validators=[DataRequired(), Length(max=TITLE_MAX_LENGTH), _no_nul],
     )
     body = TextAreaField(
-        "Body", validators=[DataRequired(), Length(max=BODY_MAX_LENGTH), _fits_the_body_column, _no_nul]
+        "Body", validators=[DataRequired(), Length(max=BODY_MAX_LENGTH), _no_nul]
     )
     version = HiddenField()
 
