@@ -199,7 +199,14 @@ class Database:
         session = self.session()
         # After an unhandled error the rollback is the point; otherwise it loses data.
         lost = describe_uncommitted(session) if exc is None else []
-        self.session.remove()
+        try:
+            self.session.remove()
+        except SQLAlchemyError as error:
+            # The connection died under the session (a restart, a server-side kill): the
+            # ROLLBACK cannot reach a server that rolls back on its own anyway. The pool
+            # has discarded the connection; the response already built must stand.
+            self.session.registry.clear()
+            log.warning("closing the session failed: %s", describe_error(error))
         if lost:
             message = (
                 f"{session.info.get('origin', 'a session')} ended with uncommitted changes "
