@@ -4,6 +4,7 @@ Run migrations first, as their own step: `flask db upgrade && gunicorn -c gunico
 """
 
 import os
+import sys
 
 from dotenv import load_dotenv
 
@@ -20,12 +21,25 @@ accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
 preload_app = os.environ.get("GUNICORN_PRELOAD", "").lower() in ("1", "true", "yes")
 
 
-def post_fork(server, worker):
-    # Pooled connections must never cross a fork. myapp.database also registers an
-    # os.register_at_fork hook; this makes the rule visible where workers are made.
-    from myapp.engine import forget_inherited_connections
+def on_starting(server):
+    # Refuse to start in one line when a setting is missing or invalid (SECRET_KEY),
+    # instead of every worker failing to boot with a traceback.
+    from myapp.config import ConfigError, check_settings
 
-    forget_inherited_connections()
+    try:
+        check_settings()
+    except ConfigError as error:
+        raise SystemExit(f"Error: {error.format_message()}") from None
+
+
+def post_fork(server, worker):
+    # Pooled connections must never cross a fork (myapp.engine also registers an
+    # os.register_at_fork hook; this makes the rule visible where workers are made).
+    # Only a preloaded app can have any, and importing myapp here, before the worker
+    # installs its signal handlers, would let a SIGTERM in that window get lost.
+    engine = sys.modules.get("myapp.engine")
+    if engine is not None:
+        engine.forget_inherited_connections()
 
 
 def worker_exit(server, worker):

@@ -30,6 +30,22 @@ _MESSAGES = {
           "been saved: check before you send it again."),
 }
 
+# A 503 says why (database down, every pooled connection busy, a query stopped by the
+# statement timeout), for the user and in the log line an operator greps. A write that
+# got a 503 is indeterminate (the commit may have reached the server before the
+# failure), so every variant says so.
+_MAY_HAVE_BEEN_SAVED = "If you were saving something, it may or may not have been saved: check before you send it again."
+_UNAVAILABLE_MESSAGES = {
+    "unreachable": _MESSAGES[503][1],
+    "busy": "The site is too busy right now: every database connection is in use. Please try "
+            "again in a few seconds. " + _MAY_HAVE_BEEN_SAVED,
+    "statement timeout": "The database took too long to answer, so the request was stopped. "
+                         "Please try again in a few seconds. " + _MAY_HAVE_BEEN_SAVED,
+}
+# PostgreSQL query_canceled (statement_timeout); MariaDB max_statement_time, MySQL max_execution_time.
+_STATEMENT_TIMEOUT_SQLSTATES = frozenset({"57014"})
+_STATEMENT_TIMEOUT_MYSQL_CODES = frozenset({1969, 3024})
+
 
 def init_app(app: Flask) -> None:
     app.register_error_handler(HTTPException, render_http_error)
@@ -51,19 +67,37 @@ def error_page(code: int, description: str | None = None) -> str:
     return render_template("error.html", code=code, title=title, message=description or message)
 
 
-def render_http_error(error: HTTPException) -> tuple[str, int]:
+def render_http_error(error: HTTPException) -> tuple[str, int, list[tuple[str, str]]]:
     code = error.code or 500
     # Our own abort() descriptions are meant for people; werkzeug's defaults are not.
     description = error.description if error.description != type(error).description else None
     if code >= 500:
         description = None
-    return error_page(code, description), code
+    # Keep what the exception says about itself (Allow on a 405), not its content type.
+    headers = [(name, value) for name, value in error.get_headers() if name.lower() != "content-type"]
+    return error_page(code, description), code, headers
+
+
+def unavailable_reason(error: Exception) -> str:
+    """Why the database could not serve the request: "busy" (no free pooled connection
+    within the pool timeout), "statement timeout" (the server cancelled a query that ran
+    too long) or "unreachable" (connect failed, connection lost)."""
+    if isinstance(error, sa_exc.TimeoutError):
+        return "busy"
+    original = getattr(error, "orig", None)
+    if getattr(original, "sqlstate", None) in _STATEMENT_TIMEOUT_SQLSTATES:
+        return "statement timeout"
+    args = getattr(original, "args", ())
+    if args and args[0] in _STATEMENT_TIMEOUT_MYSQL_CODES:
+        return "statement timeout"
+    return "unreachable"
 
 
 def render_database_unavailable(error: Exception) -> tuple[str, int, dict[str, str]]:
-    log.warning("database unavailable: %s", describe_error(error))
+    reason = unavailable_reason(error)
+    log.warning("database unavailable (%s): %s", reason, describe_error(error))
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-    return error_page(503), 503, headers
+    return error_page(503, _UNAVAILABLE_MESSAGES[reason]), 503, headers
 
 
 def render_database_error(error: sa_exc.DBAPIError) -> tuple[str, int, dict[str, str]] | tuple[str, int]:

@@ -28,7 +28,7 @@ from .database import db, has_writes
 from .errors import render_http_error
 from .models import RATE_LIMIT_KEY_MAX_LENGTH, USERNAME_MAX_LENGTH, RateLimit, normalize_username
 
-# No inline script or style anywhere: the templates link their CSS, and there is no JS.
+# No inline script or style anywhere: the templates link their CSS and JS files.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; object-src 'none'; base-uri 'self'; "
     "form-action 'self'; frame-ancestors 'none'"
@@ -165,7 +165,7 @@ def _limit_logins(app: Flask) -> None:
 
 def render_rate_limited(error: RateLimitExceeded) -> tuple[str, int, dict[str, str]]:
     """The 429 page with the layout, and when to come back."""
-    page, code = render_http_error(error)
+    page, code, _ = render_http_error(error)
     retry_after = int(error.limit.limit.get_expiry())
     current = get_limiter().current_limit
     if current is not None:

@@ -47,7 +47,9 @@ def test_404_keeps_our_own_description(client: FlaskClient) -> None:
 
 
 def test_405_for_get_on_logout(client: FlaskClient) -> None:
-    assert_error_page(client.get("/auth/logout"), 405, "Method not allowed")
+    response = client.get("/auth/logout")
+    assert_error_page(response, 405, "Method not allowed")
+    assert "POST" in response.headers["Allow"]  # RFC 9110: a 405 says what is allowed
 
 
 def test_403_when_editing_someone_elses_post(client: FlaskClient, auth: AuthActions) -> None:

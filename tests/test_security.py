@@ -409,7 +409,9 @@ def test_gunicorn_refuses_to_start_without_a_secret_key(tmp_path: Path) -> None:
     assert result.returncode != 0, output
     # The reason is one complete line that names the setting to fix.
     reasons = [line for line in output.splitlines() if REFUSAL in line]
-    assert reasons and all(line.rstrip().endswith("in .env or the environment.") for line in reasons), output
+    assert len(reasons) == 1 and reasons[0].startswith("Error: SECRET_KEY"), output
+    assert reasons[0].rstrip().endswith("in .env or the environment."), output
+    assert "Traceback" not in output
 
 
 # -- ?next= -----------------------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+"""A test-only app: the real app plus fault-injection routes, configured from the environment.
+
+Never imported by the product. gunicorn serves it as ``tests.faults.slowapp:app``
+(``app`` is built on first access, from the environment gunicorn was given).
+
+Environment switches, each a deliberate fault for a negative control:
+
+- ``FAULTS_PRE_PING=0``: the pool hands out connections without testing them.
+- ``FAULTS_FORK_DISPOSE=0``: the engine is left out of the fork hooks, so pooled
+  connections cross the fork as they would without ``engine.dispose(close=False)``.
+- ``FAULTS_TOUCH_AT_IMPORT=1``: run a query while the app is built (in the gunicorn
+  master with ``--preload``), leaving a connection in the pool.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, request
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from myapp import create_app
+from myapp.database import db
+from myapp.engine import _all_engines
+
+bp = Blueprint("faults", __name__, url_prefix="/faults")
+
+
+def _flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
+
+
+def create_fault_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """The real app, with the routes below and the faults the environment asks for."""
+    app = create_app(test_config)
+    engine = app.extensions["myapp.database"].engine
+    if not _flag("FAULTS_PRE_PING", "1"):
+        # No public switch exists for this (see the report); the pool reads it per checkout.
+        engine.pool._pre_ping = False
+    if not _flag("FAULTS_FORK_DISPOSE", "1"):
+        _all_engines.discard(engine)
+    app.register_blueprint(bp)
+    if _flag("FAULTS_TOUCH_AT_IMPORT", "0"):
+        with app.app_context():
+            db.session.execute(text("SELECT 1"))
+    return app
+
+
+@bp.get("/sleep")
+def sleep() -> dict[str, float]:
+    """Hold a connection while the database sleeps: a slow or runaway query."""
+    seconds = float(request.args.get("seconds", "3"))
+    if db.get_engine().dialect.name == "postgresql":
+        db.session.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})
+    else:
+        db.session.execute(text("SELECT SLEEP(:s)"), {"s": seconds})
+    return {"slept": seconds}
+
+
+@bp.get("/whoami")
+def whoami() -> dict[str, int]:
+    """The worker's pid and the server-side id of the connection this request used."""
+    if db.get_engine().dialect.name == "postgresql":
+        backend = db.session.scalar(text("SELECT pg_backend_pid()"))
+    else:
+        backend = db.session.scalar(text("SELECT CONNECTION_ID()"))
+    return {"pid": os.getpid(), "backend": int(backend)}
+
+
+@bp.get("/lose-connection")
+def lose_connection() -> dict[str, int]:
+    """Query, then have the server end this request's connection before the teardown:
+    the session's closing ROLLBACK meets a dead connection (a restart or a kill that
+    lands between a view's last statement and the end of its request)."""
+    engine = db.get_engine()
+    postgres = engine.dialect.name == "postgresql"
+    backend = int(db.session.scalar(text("SELECT pg_backend_pid()" if postgres else "SELECT CONNECTION_ID()")))
+    admin = create_engine(engine.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            if postgres:  # waits until the backend is gone
+                connection.execute(text("SELECT pg_terminate_backend(:id, 5000)"), {"id": backend})
+            else:
+                connection.execute(text(f"KILL CONNECTION {backend}"))
+                alive = text("SELECT COUNT(*) FROM information_schema.processlist WHERE id = :id")
+                for _ in range(100):
+                    if not connection.scalar(alive, {"id": backend}):
+                        break
+                    time.sleep(0.05)
+    finally:
+        admin.dispose()
+    return {"killed": backend}
+
+
+@bp.get("/pool")
+def pool() -> dict[str, int]:
+    """Pool figures of this worker; the database is not consulted."""
+    engine_pool = current_app.extensions["myapp.database"].engine.pool
+    return {"pid": os.getpid(), "checkedout": engine_pool.checkedout(), "size": engine_pool.size()}
+
+
+def __getattr__(name: str) -> Flask:
+    # Built lazily so that importing this module (e.g. from a test) needs no settings.
+    if name == "app":
+        application = create_fault_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)
