@@ -393,7 +393,9 @@ def test_retry_does_not_retry_other_errors(app: Flask) -> None:
 @pytest.mark.real_commits
 def test_session_scope_in_a_thread_commits_and_cleans_up(app: Flask) -> None:
     engine = app.extensions["myapp.database"].engine
-    errors = _concurrent(app, lambda: add_user(f"thread{threading.get_ident()}"), count=3)
+    # Not the thread ident for a name: a finished thread's ident is reused at once.
+    names = iter(["thread-a", "thread-b", "thread-c"])
+    errors = _concurrent(app, lambda: add_user(next(names)), count=3)
     assert errors == []
     assert len(usernames(app)) == 3
     assert engine.pool.checkedout() == 0
