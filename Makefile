@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test lint migrate clean
+.PHONY: run test lint migrate clean bench reliability
 
 # Reinstall when the dependency list changes.
 $(STAMP): setup.cfg pyproject.toml
@@ -25,6 +25,23 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/mypy
+
+# The benchmark (bench/run.py): writes docs/performance.md and docs/performance.png.
+# wrk comes from Debian when apt is usable; without it a Python load generator is used.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[postgres,mysql,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || true
+	$(BIN)/python -m bench.run
+
+# The fault suite (pytest -m faults, scripts/reliability_report.py): writes
+# docs/reliability.md and docs/reliability.png. Needs the PostgreSQL and MariaDB test
+# servers (TEST_POSTGRES_URL, TEST_MYSQL_URL; defaults as in .ci/run); chart via matplotlib.
+reliability: $(BENCH_STAMP)
+	$(BIN)/python scripts/reliability_report.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import select
 import time
 import weakref
 from collections.abc import Mapping
@@ -72,6 +73,8 @@ def make_engine(config: Mapping[str, Any], instance_path: str, *, probe: bool = 
         _configure_sqlite(engine)
     else:
         _name_connections(engine, config["DATABASE_APP_NAME"])
+    if backend == "postgresql" and not probe:
+        _ping_only_when_the_socket_speaks(engine)
     slow_ms = config.get("DATABASE_SLOW_QUERY_MS")
     if slow_ms:
         _log_slow_queries(engine, float(slow_ms))
@@ -105,6 +108,44 @@ def _name_connections(engine: Engine, app_name: str) -> None:
         # At connect time, not at engine creation: with --preload the engine is made
         # in the gunicorn master, the connections in each worker.
         cparams[key] = f"{app_name}:{os.getpid()}"
+
+
+def _ping_only_when_the_socket_speaks(engine: Engine) -> None:
+    """Make PostgreSQL's pre-ping free for a connection whose socket is quiet.
+
+    An idle connection receives nothing unless the server ended it: a restart, a
+    ``pg_terminate_backend`` or an idle timeout sends a FATAL message and closes the
+    socket, which makes it readable. So when psycopg sees the connection idle and
+    intact and a zero-timeout poll finds nothing to read, the SELECT 1 round trip can
+    only say "alive" and is skipped; otherwise the real ping runs, and a failure goes
+    through ``pool_pre_ping``'s usual path (invalidate the pool, reconnect). A frozen
+    or unreachable server goes unnoticed, as it does with a real ping, which would
+    block. (The same check as go-sql-driver/mysql's ``connCheck`` before reuse.)
+    """
+    real_ping = engine.dialect.do_ping
+
+    def do_ping(dbapi_connection: Any) -> bool:
+        if _socket_is_quiet(dbapi_connection):
+            return True
+        return real_ping(dbapi_connection)
+
+    engine.dialect.do_ping = do_ping  # type: ignore[method-assign]
+
+
+def _socket_is_quiet(connection: Any) -> bool:
+    """True if the psycopg connection is idle, not broken, and has nothing to read."""
+    from psycopg.pq import TransactionStatus
+
+    try:
+        if connection.closed or connection.broken:
+            return False
+        if connection.info.transaction_status != TransactionStatus.IDLE:
+            return False
+        poller = select.poll()
+        poller.register(connection.fileno(), select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
+        return not poller.poll(0)
+    except Exception:  # whatever went wrong, let the real ping decide
+        return False
 
 
 def _configure_sqlite(engine: Engine) -> None:
