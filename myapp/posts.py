@@ -64,16 +64,29 @@ def _page_number() -> int:
 
 def paginate(stmt: Select[Any], number: int) -> Page:
     """One query per page, whatever its size: ask for one row more than a page
-    instead of counting, and load each post's author in the same query."""
+    instead of counting, and load each post's author in the same query.
+
+    The page's ids are picked first, from the (created_at, id) index alone, and only
+    those rows are joined to their text and author: a deep OFFSET then walks the index,
+    not whole rows.
+    """
     per_page = current_app.config["POSTS_PER_PAGE"]
-    stmt = (
-        stmt.join(Post.author)
-        .options(contains_eager(Post.author))
-        .order_by(Post.created_at.desc(), Post.id.desc())
+    order = (Post.created_at.desc(), Post.id.desc())
+    ids = (
+        stmt.with_only_columns(Post.id)
+        .order_by(*order)
         .limit(per_page + 1)
         .offset((number - 1) * per_page)
+        .subquery()
     )
-    rows = list(db.session.scalars(stmt))
+    page_stmt = (
+        select(Post)
+        .join(ids, Post.id == ids.c.id)
+        .join(Post.author)
+        .options(contains_eager(Post.author))
+        .order_by(*order)
+    )
+    rows = list(db.session.scalars(page_stmt))
     if not rows and number > 1:
         abort(404)
     return Page(items=rows[:per_page], number=number, has_next=len(rows) > per_page)

@@ -95,7 +95,7 @@ def test_every_revision_goes_down_and_up_one_step(fresh_app: Flask) -> None:
 
 
 def _drop_index(dialect: str) -> str:
-    return "DROP INDEX ix_post_created_at" + (" ON post" if dialect in ("mysql", "mariadb") else "")
+    return "DROP INDEX ix_post_created_at_id" + (" ON post" if dialect in ("mysql", "mariadb") else "")
 
 
 DRIFTS: dict[str, Any] = {
