@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import click
 from flask import Flask, current_app, g, has_app_context, has_request_context, request
@@ -65,6 +65,9 @@ class Base(DeclarativeBase):
     constraint names identical on SQLite, PostgreSQL and MariaDB."""
 
     metadata = MetaData(naming_convention=_NAMING_CONVENTION)
+
+
+_ModelBase = Base  # for annotations inside Database, whose ``Base`` attribute shadows it
 
 
 class LostWriteError(RuntimeError):
@@ -119,9 +122,10 @@ class Database:
     Base = Base
 
     def __init__(self, app: Flask | None = None) -> None:
-        self.session: scoped_session[AppSession] = scoped_session(
-            self._create_scoped_session, scopefunc=_current_app_context_id
-        )
+        # scoped_session only ever calls its factory; ours picks the current app's
+        # sessionmaker, which a single sessionmaker could not do for several apps.
+        factory = cast("sessionmaker[AppSession]", self._create_scoped_session)
+        self.session: scoped_session[AppSession] = scoped_session(factory, scopefunc=_current_app_context_id)
         if app is not None:
             self.init_app(app)
 
@@ -136,7 +140,7 @@ class Database:
         return self._state().sessionmaker()
 
     @classmethod
-    def get_base(cls) -> type[Base]:
+    def get_base(cls) -> type[_ModelBase]:
         """Return the declarative base every model inherits."""
         return cls.Base
 
