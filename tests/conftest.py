@@ -122,6 +122,24 @@ def make_app(url: URL | str, **overrides: Any) -> Flask:
     return create_app(config)
 
 
+# Nothing listens on port 1 and the folder does not exist: connecting fails at once.
+# The passwords are there to prove they never show.
+UNREACHABLE_URLS = {
+    "postgresql": "postgresql+psycopg://u:s3cret@127.0.0.1:1/x",
+    "mysql": "mysql+pymysql://u:s3cret@127.0.0.1:1/x",
+    "sqlite": "sqlite:////nonexistent-directory/s3cret/x.sqlite",
+}
+
+
+@pytest.fixture(params=list(UNREACHABLE_URLS))
+def down_app(request: pytest.FixtureRequest) -> Iterator[Flask]:
+    """An app whose database cannot be reached, on each backend (or those given with
+    ``@pytest.mark.parametrize("down_app", [...], indirect=True)``)."""
+    app = make_app(UNREACHABLE_URLS[request.param])
+    yield app
+    app.extensions["myapp.database"].engine.dispose()
+
+
 @pytest.fixture
 def app_config() -> dict[str, Any]:
     """Extra settings for the ``app`` fixture; override it in a module or a test."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,10 @@ from myapp.database import db
 from myapp.engine import mask_url
 from myapp.models import Post, User
 
-from .conftest import SECRET_KEY, Backend, make_app
+from .conftest import SECRET_KEY, UNREACHABLE_URLS, Backend
 
 FLASK = Path(sys.executable).with_name("flask")
 PASSWORD = "correct horse"
-UNREACHABLE_URLS = {
-    "postgresql": "postgresql+psycopg://u:s3cret@127.0.0.1:1/x",
-    "mysql": "mysql+pymysql://u:s3cret@127.0.0.1:1/x",
-}
-
 
 def assert_one_line_error(result: Result, *, exit_code: int | None = None) -> str:
     """The command failed with exactly one ``Error:`` line, last, and no traceback."""
@@ -202,15 +196,9 @@ def test_db_status_names_backend_url_revision_and_ping(app: Flask, runner: Any) 
     assert engine.pool.checkedout() == 0
 
 
-@pytest.fixture(params=list(UNREACHABLE_URLS))
-def unreachable_app(request: pytest.FixtureRequest) -> Iterator[Flask]:
-    app = make_app(UNREACHABLE_URLS[request.param])
-    yield app
-    app.extensions["myapp.database"].engine.dispose()
-
-
-def test_db_status_masks_the_password_of_an_unreachable_database(unreachable_app: Flask) -> None:
-    result = unreachable_app.test_cli_runner().invoke(args=["db", "status"])
+@pytest.mark.parametrize("down_app", ["postgresql", "mysql"], indirect=True)
+def test_db_status_masks_the_password_of_an_unreachable_database(down_app: Flask) -> None:
+    result = down_app.test_cli_runner().invoke(args=["db", "status"])
     line = assert_one_line_error(result, exit_code=1)
     assert "s3cret" not in result.output
     url_lines = [row for row in result.output.splitlines() if row.startswith("url")]

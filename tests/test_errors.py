@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,13 +15,7 @@ from myapp.database import db
 from myapp.errors import RETRY_AFTER_SECONDS
 from myapp.models import User
 
-from .conftest import AuthActions, make_app
-
-UNREACHABLE = {
-    "postgresql": "postgresql+psycopg://u:s3cret@127.0.0.1:1/x",
-    "mysql": "mysql+pymysql://u:s3cret@127.0.0.1:1/x",
-    "sqlite": "sqlite:////nonexistent-directory/x.sqlite",
-}
+from .conftest import AuthActions
 
 
 def assert_error_page(response: TestResponse, code: int, title: str) -> str:
@@ -125,12 +118,6 @@ def test_500_for_a_database_error_after_a_write_leaves_no_row(app: Flask, client
     assert _count_users(app) == 0
     assert app.extensions["myapp.database"].engine.pool.checkedout() == 0
 
-
-@pytest.fixture(params=list(UNREACHABLE))
-def down_app(request: pytest.FixtureRequest) -> Iterator[Flask]:
-    app = make_app(UNREACHABLE[request.param])
-    yield app
-    app.extensions["myapp.database"].engine.dispose()
 
 
 def assert_unavailable_page(response: TestResponse) -> None:
