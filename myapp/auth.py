@@ -89,8 +89,8 @@ def load_logged_in_user() -> None:
     """
     g.user = None
     g.username = None
-    if request.endpoint == "static":
-        return  # a stylesheet needs no user, and must load while the database is down
+    if request.endpoint == "static" or request.blueprint == "health":
+        return  # stylesheets and probes need no user, and must answer while the database is down
     user_id = session.get("user_id")
     if isinstance(user_id, int):
         g.user = db.session.get(User, user_id)

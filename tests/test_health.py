@@ -75,3 +75,13 @@ def backend_file(tmp_path: Path) -> Path:
     folder = tmp_path / "db"
     folder.mkdir()
     return folder / "ready.sqlite"
+
+
+def test_healthz_ignores_a_session_cookie_while_the_database_is_down(down_app: Flask) -> None:
+    """A logged-in browser's cookie must not make the liveness probe load its user."""
+    client = down_app.test_client()
+    with client.session_transaction() as session:
+        session["user_id"] = 1
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
