@@ -66,6 +66,22 @@ def run_suite(figures: Path, extra: list[str]) -> Run:
     return Run(shown, exit_code, time.monotonic() - started, read_junit(junit))
 
 
+def run_soaks(figures: Path, requests: int) -> list[str]:
+    """The RSS soak (scenario 5, ``scripts/soak.py``) on SQLite and PostgreSQL; its
+    figures go to the same file. Returns the commands, for the doc."""
+    environment = {**DEFAULT_SERVERS, **os.environ, "MYAPP_FIGURES": str(figures)}
+    commands = []
+    for url in (None, environment["TEST_POSTGRES_URL"]):
+        command = [sys.executable, "scripts/soak.py", "--requests", str(requests)]
+        if url:
+            command += ["--database-url", url]
+        shown = "python " + " ".join(command[1:])
+        print(f"reliability: {shown}", flush=True)
+        subprocess.call(command, cwd=ROOT, env=environment)  # a missed goal shows as a figure
+        commands.append(shown)
+    return commands
+
+
 def read_junit(path: Path) -> list[TestOutcome]:
     if not path.exists():
         return []
@@ -124,6 +140,8 @@ def write_doc(figures: list[dict[str, Any]], run: Run | None, chart: bool) -> No
         f"- Figures: {len(figures)}; at their goal: {len(figures) - len(missed)}; missed: {len(missed)}.",
         "- Servers: scenarios 1-3 run on throwaway PostgreSQL and MariaDB servers the tests start",
         "  themselves (`tests/faults/servers.py`); the others on the shared test servers.",
+        "- The worker-RSS figures of scenario 5 come from `scripts/soak.py` (one gunicorn",
+        "  worker, 50,000 requests after a warm-up) on SQLite and PostgreSQL, run by the same command.",
         "",
     ]
     if chart:
@@ -196,6 +214,7 @@ def draw_chart(figures: list[dict[str, Any]]) -> bool:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from-figures", type=Path, help="redraw from an existing JSONL file, run nothing")
+    parser.add_argument("--soak-requests", type=int, default=50_000, help="requests per soak (0: no soak)")
     args, extra = parser.parse_known_args(argv)
     run: Run | None = None
     if args.from_figures:
@@ -204,6 +223,8 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory(prefix="myapp-figures-") as folder:
             path = Path(folder) / "figures.jsonl"
             run = run_suite(path, extra)
+            if args.soak_requests:
+                run_soaks(path, args.soak_requests)
             figures = read_figures(path)
     write_doc(figures, run, chart=draw_chart(figures))
     missed = sum(not f["met"] for f in figures)
