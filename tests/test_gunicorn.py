@@ -42,10 +42,11 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_gunicorn(database_url: str, tmp_path: Path, **env: str) -> Server:
-    """Start gunicorn with the project's gunicorn.conf.py and wait until it answers."""
+def start_gunicorn(database_url: str, tmp_path: Path, app: str = "wsgi:app", **env: str) -> Server:
+    """Start gunicorn with the project's gunicorn.conf.py on ``app`` (the fault suite
+    serves its test-only apps this way) and wait until it answers."""
     port = free_port()
-    log = tmp_path / "gunicorn.log"
+    log = tmp_path / f"gunicorn-{port}.log"
     environment = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -60,7 +61,7 @@ def start_gunicorn(database_url: str, tmp_path: Path, **env: str) -> Server:
         process = subprocess.Popen(
             # No control socket: gunicorn 27 puts it at one path in $HOME, which test
             # servers running side by side would fight over.
-            [str(GUNICORN), "-c", "gunicorn.conf.py", "--no-control-socket", "wsgi:app"],
+            [str(GUNICORN), "-c", "gunicorn.conf.py", "--no-control-socket", app],
             cwd=ROOT, env=environment, stdout=sink, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )

@@ -171,40 +171,10 @@ def _use_deferred_begin(app: Flask) -> None:
 
 
 def serve(database_url: str, tmp_path: Path, factory: str = "create_raising_app()", **env: str) -> Server:
-    """Start gunicorn (the project's gunicorn.conf.py) on this module's app.
+    """Start gunicorn (the project's gunicorn.conf.py) on this module's app."""
+    from tests.test_gunicorn import start_gunicorn
 
-    ``tests/test_gunicorn.py``'s ``start_gunicorn`` always serves ``wsgi:app``; this is
-    the same start with another application, and the same readiness wait.
-    """
-    import subprocess
-
-    from tests.conftest import SECRET_KEY
-    from tests.test_gunicorn import GUNICORN, ROOT, Server, free_port, stop_gunicorn, wait_until_serving
-
-    port = free_port()
-    log = tmp_path / f"gunicorn-{port}.log"
-    environment = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "SECRET_KEY": SECRET_KEY,
-        "FLASK_DEBUG": "0",
-        "GUNICORN_BIND": f"127.0.0.1:{port}",
-        "WEB_CONCURRENCY": "2",
-        "GUNICORN_THREADS": "4",
-        **env,
-    }
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [str(GUNICORN), "-c", "gunicorn.conf.py", "--no-control-socket", f"tests.faults.raisingapp:{factory}"],
-            cwd=ROOT, env=environment, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-    server = Server(process, f"http://127.0.0.1:{port}", log)
-    try:
-        wait_until_serving(server)
-    except BaseException:
-        stop_gunicorn(server)
-        raise
-    return server
+    return start_gunicorn(database_url, tmp_path, app=f"tests.faults.raisingapp:{factory}", **env)
 
 
 # -- what the server says: open transactions and sessions -----------------------------

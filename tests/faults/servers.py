@@ -26,8 +26,8 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-from tests.conftest import SECRET_KEY, make_app
-from tests.test_gunicorn import GUNICORN, ROOT, Server, free_port, stop_gunicorn
+from tests.conftest import make_app
+from tests.test_gunicorn import Server, free_port, start_gunicorn, stop_gunicorn
 
 START_TIMEOUT = 30.0
 
@@ -269,31 +269,13 @@ def gunicorn(database_url: URL, workdir: Path, *, fault_app: bool = False, **env
     """Real gunicorn workers (``gunicorn.conf.py``) on ``database_url``, stopped at the end.
 
     With ``fault_app`` they serve ``tests.faults.slowapp:app`` instead of ``wsgi:app``.
-    Not ``start_gunicorn``: it always serves ``wsgi:app``, and on a busy machine its
-    one-second readiness probe can time out and leave the process running (see the report).
+    Waits until every worker has booted, not just the first to answer.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = workdir / "gunicorn.log"
-    environment = {
-        **os.environ,
-        "DATABASE_URL": database_url.render_as_string(hide_password=False),
-        "SECRET_KEY": SECRET_KEY,
-        "FLASK_DEBUG": "0",
-        "GUNICORN_BIND": f"127.0.0.1:{port}",
-        "WEB_CONCURRENCY": "2",
-        "GUNICORN_THREADS": "4",
-        **env,
-    }
     target = "tests.faults.slowapp:app" if fault_app else "wsgi:app"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [str(GUNICORN), "-c", "gunicorn.conf.py", target],
-            cwd=ROOT, env=environment, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-    server = Server(process, f"http://127.0.0.1:{port}", log)
+    server = start_gunicorn(database_url.render_as_string(hide_password=False), workdir, app=target, **env)
     try:
-        _wait_for_workers(server, int(environment["WEB_CONCURRENCY"]))
+        _wait_for_workers(server, int(env.get("WEB_CONCURRENCY", "2")))
         yield server
     finally:
         stop_gunicorn(server)
