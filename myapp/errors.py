@@ -15,6 +15,10 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 5
 
+# A write that got a 503 is indeterminate: the commit may have reached the server
+# before the failure. Every 503 page says so.
+_MAY_HAVE_BEEN_SAVED = "If you were saving something, it may or may not have been saved: check before you send it again."
+
 _MESSAGES = {
     400: ("Bad request", "The request could not be understood. If you submitted a form, "
           "go back, reload the page and try again."),
@@ -26,15 +30,11 @@ _MESSAGES = {
     429: ("Too many requests", "Slow down a little and try again shortly."),
     500: ("Something went wrong", "An unexpected error happened on our side. It has been logged."),
     503: ("Temporarily unavailable", "The database cannot be reached right now. Please try "
-          "again in a few seconds. If you were saving something, it may or may not have "
-          "been saved: check before you send it again."),
+          "again in a few seconds. " + _MAY_HAVE_BEEN_SAVED),
 }
 
 # A 503 says why (database down, every pooled connection busy, a query stopped by the
-# statement timeout), for the user and in the log line an operator greps. A write that
-# got a 503 is indeterminate (the commit may have reached the server before the
-# failure), so every variant says so.
-_MAY_HAVE_BEEN_SAVED = "If you were saving something, it may or may not have been saved: check before you send it again."
+# statement timeout), for the user and in the log line an operator greps.
 _UNAVAILABLE_MESSAGES = {
     "unreachable": _MESSAGES[503][1],
     "busy": "The site is too busy right now: every database connection is in use. Please try "
