@@ -53,7 +53,7 @@ def soak_database(url: str | None, folder: Path) -> Iterator[URL]:
     """A migrated database with one author and a page of posts; dropped afterwards."""
     from myapp.database import db
     from myapp.models import Post, User
-    from tests.conftest import _throwaway_database, make_app
+    from tests.conftest import _throwaway_database, make_app, migrate
 
     if url is None:
         target = make_url(f"sqlite:///{folder / 'soak.sqlite'}")
@@ -68,13 +68,9 @@ def soak_database(url: str | None, folder: Path) -> Iterator[URL]:
         # The temp-path factory is only used for SQLite.
         target = stack.enter_context(_throwaway_database(name, None))  # type: ignore[arg-type]
     try:
+        migrate(target)
         app = make_app(target)
         with app.app_context():
-            from alembic import command
-
-            from myapp.cli import alembic_config
-
-            command.upgrade(alembic_config(), "head")
             with db.transaction() as session:
                 author = User(username="soaker", password_hash="not-a-hash")
                 session.add_all(Post(title=f"Soak post {i}", body="text " * 50, author=author) for i in range(25))

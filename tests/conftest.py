@@ -99,15 +99,20 @@ def _throwaway_database(name: str, tmp_path_factory: pytest.TempPathFactory) -> 
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     """A migrated throwaway database on each backend in turn."""
     with _throwaway_database(request.param, tmp_path_factory) as url:
-        migrator = make_app(url)
-        with migrator.app_context():
-            from alembic import command
-
-            from myapp.cli import alembic_config
-
-            command.upgrade(alembic_config(), "head")
-        migrator.extensions["myapp.database"].engine.dispose()
+        migrate(url)
         yield Backend(request.param, url)
+
+
+def migrate(url: URL | str) -> None:
+    """Bring a database to the latest migration, as ``flask db upgrade`` would."""
+    from alembic import command
+
+    from myapp.cli import alembic_config
+
+    migrator = make_app(url)
+    with migrator.app_context():
+        command.upgrade(alembic_config(), "head")
+    migrator.extensions["myapp.database"].engine.dispose()
 
 
 def make_app(url: URL | str, **overrides: Any) -> Flask:

@@ -26,7 +26,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-from tests.conftest import make_app
+from tests.conftest import migrate
 from tests.test_gunicorn import Server, free_port, start_gunicorn, stop_gunicorn
 
 START_TIMEOUT = 30.0
@@ -135,18 +135,6 @@ class ThrowawayServer:
                     connection.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
             finally:
                 admin.dispose()
-
-
-def migrate(url: URL) -> None:
-    """Bring a database to the latest migration, as ``flask db upgrade`` would."""
-    from alembic import command
-
-    from myapp.cli import alembic_config
-
-    migrator = make_app(url)
-    with migrator.app_context():
-        command.upgrade(alembic_config(), "head")
-    migrator.extensions["myapp.database"].engine.dispose()
 
 
 class PostgresServer(ThrowawayServer):
