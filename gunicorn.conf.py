@@ -33,17 +33,17 @@ def on_starting(server):
 
 
 def post_fork(server, worker):
-    # Pooled connections must never cross a fork (myapp.engine also registers an
+    # Pooled connections must never cross a fork (myapp.db.engines also registers an
     # os.register_at_fork hook; this makes the rule visible where workers are made).
     # Only a preloaded app can have any, and importing myapp here, before the worker
     # installs its signal handlers, would let a SIGTERM in that window get lost.
-    engine = sys.modules.get("myapp.engine")
+    engine = sys.modules.get("myapp.db.engines")
     if engine is not None:
         engine.forget_inherited_connections()
 
 
 def worker_exit(server, worker):
     # Close pooled connections so the database does not wait for them to time out.
-    from myapp.engine import dispose_all_engines
+    from myapp.db.engines import dispose_all_engines
 
     dispose_all_engines()

@@ -16,7 +16,7 @@ import time
 from flask import Flask
 
 from myapp import create_app
-from myapp.database import db
+from myapp.db import db
 
 SECRET_KEY = "ab-" + "x" * 40
 
@@ -80,7 +80,7 @@ def run_peers(url: str) -> list[dict[str, object]]:
 
 def run_all(url: str) -> list[dict[str, object]]:
     """The database-layer changes of docs/performance.md, each against its "before"."""
-    from myapp.engine import dispose_all_engines
+    from myapp.db.engines import dispose_all_engines
 
     now, full_ping = app_with(url), app_with(url, full_ping=True)
     transactional = app_with(url, DATABASE_READ_ONLY_AUTOCOMMIT=False)

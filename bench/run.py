@@ -116,7 +116,7 @@ def migrate_and_seed(url: URL) -> Seeded:
 
     from myapp import create_app
     from myapp.cli import alembic_config
-    from myapp.engine import dispose_all_engines
+    from myapp.db.engines import dispose_all_engines
 
     app = create_app({"DATABASE_URL": url, "SECRET_KEY": SECRET_KEY})
     with app.app_context():
@@ -302,7 +302,7 @@ def run_matrix(
 def count_index_queries(url: URL) -> dict[str, int]:
     """Statements one index request sends, at several page sizes and page numbers."""
     from myapp import create_app
-    from myapp.engine import dispose_all_engines
+    from myapp.db.engines import dispose_all_engines
 
     counts: dict[str, int] = {}
     for per_page, page in ((20, 1), (20, 400), (100, 1), (100, 80)):

@@ -12,7 +12,7 @@ from alembic import context
 from flask import has_app_context
 
 from myapp import create_app, models  # noqa: F401  (models register their tables)
-from myapp.database import Base, db
+from myapp.db import Base, db
 
 
 def run_migrations() -> None:

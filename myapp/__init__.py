@@ -17,7 +17,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     config.load_config(app, test_config)
 
     from . import auth, cli, errors, health, posts, security
-    from .database import db
+    from .db import db
 
     db.init_app(app)
     auth.init_app(app)

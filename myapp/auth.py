@@ -27,7 +27,7 @@ from werkzeug.wrappers import Response
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length, Regexp
 
-from .database import db
+from .db import db
 from .models import USERNAME_MAX_LENGTH, User, normalize_username
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")

@@ -29,8 +29,8 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.security import generate_password_hash
 
 from .auth import CredentialsForm
-from .database import db
-from .engine import describe_error, mask_url
+from .db import db
+from .db.errors import describe_error, mask_url
 from .models import Post, User, utcnow
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -8,8 +8,8 @@ from flask import Flask, render_template
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
-from .database import db
-from .engine import describe_error
+from .db import db
+from .db.errors import describe_error, unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,12 @@ _UNAVAILABLE_MESSAGES = {
     "statement timeout": "The database took too long to answer, so the request was stopped. "
                          "Please try again in a few seconds. " + _MAY_HAVE_BEEN_SAVED,
 }
-# PostgreSQL query_canceled (statement_timeout); MariaDB max_statement_time, MySQL max_execution_time.
-_STATEMENT_TIMEOUT_SQLSTATES = frozenset({"57014"})
-_STATEMENT_TIMEOUT_MYSQL_CODES = frozenset({1969, 3024})
 
 
 def init_app(app: Flask) -> None:
     app.register_error_handler(HTTPException, render_http_error)
-    # Database unavailable, pool exhausted, statement timed out, connection lost: all
-    # temporary, so 503 with Retry-After rather than 500.
-    for error in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
-        app.register_error_handler(error, render_database_unavailable)
     app.register_error_handler(sa_exc.DBAPIError, render_database_error)
+    app.register_error_handler(sa_exc.TimeoutError, render_database_error)
 
 
 def error_page(code: int, description: str | None = None) -> str:
@@ -78,30 +72,13 @@ def render_http_error(error: HTTPException) -> tuple[str, int, list[tuple[str, s
     return error_page(code, description), code, headers
 
 
-def unavailable_reason(error: Exception) -> str:
-    """Why the database could not serve the request: "busy" (no free pooled connection
-    within the pool timeout), "statement timeout" (the server cancelled a query that ran
-    too long) or "unreachable" (connect failed, connection lost)."""
-    if isinstance(error, sa_exc.TimeoutError):
-        return "busy"
-    original = getattr(error, "orig", None)
-    if getattr(original, "sqlstate", None) in _STATEMENT_TIMEOUT_SQLSTATES:
-        return "statement timeout"
-    args = getattr(original, "args", ())
-    if args and args[0] in _STATEMENT_TIMEOUT_MYSQL_CODES:
-        return "statement timeout"
-    return "unreachable"
-
-
-def render_database_unavailable(error: Exception) -> tuple[str, int, dict[str, str]]:
+def render_database_error(error: sa_exc.SQLAlchemyError) -> tuple[str, int, dict[str, str]] | tuple[str, int]:
+    """Database unavailable, pool exhausted, statement timed out, connection lost: all
+    temporary, so a 503 with Retry-After that says why; anything else is a 500."""
     reason = unavailable_reason(error)
+    if reason is None:
+        log.error("database error: %s", describe_error(error), exc_info=error)
+        return error_page(500), 500
     log.warning("database unavailable (%s): %s", reason, describe_error(error))
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     return error_page(503, _UNAVAILABLE_MESSAGES[reason]), 503, headers
-
-
-def render_database_error(error: sa_exc.DBAPIError) -> tuple[str, int, dict[str, str]] | tuple[str, int]:
-    if error.connection_invalidated:
-        return render_database_unavailable(error)
-    log.error("database error: %s", describe_error(error), exc_info=error)
-    return error_page(500), 500

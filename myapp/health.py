@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Blueprint
 from sqlalchemy.exc import SQLAlchemyError
 
-from .database import db
-from .engine import describe_error
+from .db import db
+from .db.errors import describe_error
 
 bp = Blueprint("health", __name__)
 

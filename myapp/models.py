@@ -9,7 +9,7 @@ from sqlalchemy import Double, ForeignKey, Index, String, Text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from .database import Base
+from .db import Base
 
 USERNAME_MAX_LENGTH = 80
 TITLE_MAX_LENGTH = 200

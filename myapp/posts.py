@@ -15,7 +15,7 @@ from wtforms import HiddenField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length, ValidationError
 
 from .auth import login_required
-from .database import db
+from .db import db
 from .models import TITLE_MAX_LENGTH, Post, User, normalize_username
 
 bp = Blueprint("posts", __name__)

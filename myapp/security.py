@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response
 
-from .database import db, has_writes
+from .db import db, has_writes
 from .errors import render_http_error
 from .models import RATE_LIMIT_KEY_MAX_LENGTH, USERNAME_MAX_LENGTH, RateLimit, normalize_username
 

@@ -51,7 +51,7 @@ def rss_kib(pid: int) -> int:
 @contextmanager
 def soak_database(url: str | None, folder: Path) -> Iterator[URL]:
     """A migrated database with one author and a page of posts; dropped afterwards."""
-    from myapp.database import db
+    from myapp.db import db
     from myapp.models import Post, User
     from tests.conftest import _throwaway_database, make_app, migrate
 

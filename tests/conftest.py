@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, delete, event, text
 from sqlalchemy.engine import URL, make_url
 
 from myapp import create_app
-from myapp.database import Base, db
+from myapp.db import Base, db
 
 BACKENDS = {"sqlite": None, "postgresql": "TEST_POSTGRES_URL", "mysql": "TEST_MYSQL_URL"}
 SECRET_KEY = "test-secret-key-" + "x" * 32

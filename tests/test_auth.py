@@ -15,7 +15,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 import myapp.auth
 from myapp.auth import BAD_LOGIN, USERNAME_TAKEN
-from myapp.database import db
+from myapp.db import db
 from myapp.models import User
 
 from .conftest import AuthActions

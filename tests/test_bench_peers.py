@@ -16,7 +16,7 @@ from flask import Flask
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.pool import NullPool
 
-from myapp.database import db
+from myapp.db import db
 from myapp.models import Post, User
 
 from .conftest import SECRET_KEY, Backend, assert_num_queries

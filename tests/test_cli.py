@@ -17,8 +17,8 @@ from sqlalchemy import func, select
 from werkzeug.security import check_password_hash
 
 from myapp.cli import alembic_config
-from myapp.database import db
-from myapp.engine import mask_url
+from myapp.db import db
+from myapp.db.errors import mask_url
 from myapp.models import Post, User
 
 from .conftest import SECRET_KEY, UNREACHABLE_URLS, Backend

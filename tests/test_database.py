@@ -10,10 +10,11 @@ from flask import Flask
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy.util import ScopedRegistry
 from werkzeug.security import generate_password_hash
 
-from myapp.database import Base, Database, LostWriteError, db
-from myapp.engine import describe_error, mask_url
+from myapp.db import Base, Database, LostWriteError, db
+from myapp.db.errors import describe_error, mask_url
 from myapp.models import Post, User
 
 from .conftest import Backend, make_app
@@ -298,7 +299,8 @@ def test_negative_control_thread_local_registry_loses_the_outer_write(
     app: Flask, client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The harness can fail: keyed on the thread, the inner teardown discards the write."""
-    monkeypatch.setattr(db.session.registry, "scopefunc", threading.get_ident)
+    thread_keyed = ScopedRegistry(db.session.registry.createfunc, threading.get_ident)
+    monkeypatch.setattr(db.session, "registry", thread_keyed)
 
     @app.post("/_test/nested")
     def nested() -> str:

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 from werkzeug.test import TestResponse
 
-from myapp.database import db
+from myapp.db import db
 from myapp.errors import RETRY_AFTER_SECONDS
 from myapp.models import User
 

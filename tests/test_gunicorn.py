@@ -17,7 +17,7 @@ import requests
 from flask import Flask
 from sqlalchemy import select
 
-from myapp.database import db
+from myapp.db import db
 from myapp.models import Post, User
 
 from .conftest import SECRET_KEY, Backend

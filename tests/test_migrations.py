@@ -13,7 +13,7 @@ from flask import Flask
 from sqlalchemy import inspect, text
 
 from myapp.cli import alembic_config
-from myapp.database import Base
+from myapp.db import Base
 
 from .conftest import BACKENDS, _throwaway_database, make_app
 

@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import event, select
 
-from myapp.database import AppSession, db
+from myapp.db import AppSession, db
 from myapp.models import Post, User
 from myapp.posts import BODY_MAX_LENGTH
 

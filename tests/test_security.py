@@ -28,7 +28,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 from werkzeug.test import TestResponse
 
 from myapp.auth import BAD_LOGIN, PASSWORD_MIN_LENGTH, is_safe_redirect
-from myapp.database import db
+from myapp.db import db
 from myapp.models import Post, RateLimit, User
 from myapp.security import TOO_MANY_LOGINS, DatabaseStorage
 

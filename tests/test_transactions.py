@@ -17,8 +17,8 @@ from flask import Flask
 from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from myapp.database import LostWriteError, db
-from myapp.engine import dispose_all_engines
+from myapp.db import LostWriteError, db
+from myapp.db.engines import dispose_all_engines
 from myapp.models import User
 
 from .conftest import Backend, make_app
@@ -62,7 +62,7 @@ def test_forgotten_flushed_write_is_logged_in_production(
         db.session.flush()
         return "ok"
 
-    with caplog.at_level(logging.WARNING, logger="myapp.database"):
+    with caplog.at_level(logging.WARNING, logger="myapp.db"):
         assert client.post("/_test/flushes").status_code == 200
     assert "request POST flushes ended with uncommitted changes (flushed new User)" in caplog.text
     with app.app_context():
@@ -71,7 +71,7 @@ def test_forgotten_flushed_write_is_logged_in_production(
 
 def test_reads_and_committed_writes_never_warn(app: Flask, client, auth, caplog: pytest.LogCaptureFixture) -> None:
     auth.register_and_login()
-    with caplog.at_level(logging.WARNING, logger="myapp.database"):
+    with caplog.at_level(logging.WARNING, logger="myapp.db"):
         assert client.get("/").status_code == 200
         assert client.post("/posts/new", data={"title": "t", "body": "b"}).status_code == 302
         assert client.get("/users/alice").status_code == 200
@@ -486,7 +486,7 @@ def test_slow_query_log_names_statement_and_endpoint_but_not_parameters(
 
 def test_query_count_header_in_debug(backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
     app = make_app(backend.url, DATABASE_QUERY_BUDGET=1, DEBUG=True)
-    with caplog.at_level(logging.WARNING, logger="myapp.database"):
+    with caplog.at_level(logging.WARNING, logger="myapp.db"):
         response = app.test_client().get("/")
     app.extensions["myapp.database"].engine.dispose()
     assert response.headers["X-Query-Count"] == "1"
@@ -502,7 +502,7 @@ def test_query_budget_exceeded_is_logged(backend: Backend, caplog: pytest.LogCap
             db.session.execute(text("SELECT 1"))
         return "ok"
 
-    with caplog.at_level(logging.WARNING, logger="myapp.database"):
+    with caplog.at_level(logging.WARNING, logger="myapp.db"):
         app.test_client().get("/_test/chatty")
     app.extensions["myapp.database"].engine.dispose()
     assert "GET /_test/chatty sent 3 queries (budget 1)" in caplog.text
@@ -626,13 +626,13 @@ def test_a_write_in_a_read_only_request_is_still_transactional(app: Flask, clien
 
 
 def test_views_and_commands_commit_only_through_db_transaction() -> None:
-    """Outside database.py, commits go through ``db.transaction()``: a bare
+    """Outside the database package, commits go through ``db.transaction()``: a bare
     ``commit()`` in a view or a command is the scattered-commit style this layer replaces."""
     package = ROOT / "myapp"
     offenders = [
         f"{path.relative_to(ROOT)}:{number}"
         for path in sorted(package.rglob("*.py"))
-        if path.name != "database.py"
+        if path.parent != package / "db"
         for number, line in enumerate(path.read_text().splitlines(), start=1)
         if ".commit()" in line
     ]

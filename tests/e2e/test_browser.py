@@ -13,7 +13,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import select
 
-from myapp.database import db
+from myapp.db import db
 from myapp.models import Post, User
 
 from ..conftest import Backend

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, event, func, select
 
 from myapp import create_app
 from myapp.auth import csrf
-from myapp.database import db
+from myapp.db import db
 from myapp.models import Post, User
 
 if TYPE_CHECKING:

@@ -24,8 +24,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from myapp import create_app
-from myapp.database import db
-from myapp.engine import _all_engines
+from myapp.db import db
+from myapp.db.engines import _all_engines
 
 bp = Blueprint("faults", __name__, url_prefix="/faults")
 

@@ -19,7 +19,7 @@ import requests
 from flask import Flask
 from sqlalchemy import func, select
 
-from myapp.database import db
+from myapp.db import db
 from myapp.models import User
 from tests.conftest import Backend
 from tests.test_gunicorn import stop_gunicorn

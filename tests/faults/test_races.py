@@ -21,7 +21,7 @@ from flask import Flask
 from sqlalchemy import func, select
 
 from myapp.auth import USERNAME_TAKEN
-from myapp.database import db
+from myapp.db import db
 from myapp.models import Post, User
 from tests.conftest import Backend
 from tests.test_gunicorn import Server, csrf_token, post_form, stop_gunicorn

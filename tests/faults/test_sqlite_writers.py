@@ -22,7 +22,7 @@ from flask import Flask
 from sqlalchemy import select
 from werkzeug.security import generate_password_hash
 
-from myapp.database import db
+from myapp.db import db
 from myapp.models import Post, User
 from tests.conftest import Backend
 from tests.test_gunicorn import csrf_token, post_form, stop_gunicorn

@@ -1,26 +1,23 @@
-"""Engines, set up right for each backend, and kept safe across forks and exits."""
+"""Engines, set up right for each backend, and kept safe across forks and exits.
+
+Nothing here knows about Flask: what a request promises (that it only reads) reaches
+an engine as the execution option ``routing.READ_ONLY`` on the session's bind.
+"""
 
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import select
-import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from flask import has_request_context, request
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool, StaticPool
 
-log = logging.getLogger("myapp.sql")
-
-# Request methods that promise not to write; SQLite may start their transactions
-# deferred, so that readers do not queue behind the write lock.
-READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+from .routing import READ_ONLY
 
 # Every pooled engine, so that a fork or the interpreter's exit can reach them.
 _all_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -75,9 +72,6 @@ def make_engine(config: Mapping[str, Any], instance_path: str, *, probe: bool = 
         _name_connections(engine, config["DATABASE_APP_NAME"])
     if backend == "postgresql" and not probe:
         _ping_only_when_the_socket_speaks(engine)
-    slow_ms = config.get("DATABASE_SLOW_QUERY_MS")
-    if slow_ms:
-        _log_slow_queries(engine, float(slow_ms))
     if not probe:
         _all_engines.add(engine)
     return engine
@@ -129,6 +123,9 @@ def _ping_only_when_the_socket_speaks(engine: Engine) -> None:
             return True
         return real_ping(dbapi_connection)
 
+    # The one place the layer replaces a library method: SQLAlchemy has no hook between
+    # "checked out" and "pinged", and pool_pre_ping (the seed's promise) calls the
+    # dialect's do_ping. tests/db/test_engines.py fails if a ping stops going through it.
     engine.dialect.do_ping = do_ping  # type: ignore[method-assign]
 
 
@@ -155,7 +152,8 @@ def _configure_sqlite(engine: Engine) -> None:
     breaks SAVEPOINTs and lets a read-then-write transaction fail at once with
     "database is locked" whatever the busy timeout. So we switch its handling off and
     emit BEGIN ourselves: BEGIN IMMEDIATE (take the write lock up front, waiting up to
-    the busy timeout) except for requests whose method promises not to write.
+    the busy timeout) except for sessions bound with the ``READ_ONLY`` option (requests
+    whose method promises not to write), so that readers never queue behind a writer.
     """
     memory = _is_memory(engine.url)
 
@@ -170,26 +168,10 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        if has_request_context() and request.method in READ_ONLY_METHODS:
+        if connection.get_execution_options().get(READ_ONLY):
             connection.exec_driver_sql("BEGIN")
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def _log_slow_queries(engine: Engine, threshold_ms: float) -> None:
-    """Log statements slower than the threshold: statement, duration, endpoint; never
-    the parameters (they may hold a password hash or personal data)."""
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def _start(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-        conn.info.setdefault("myapp.query_started", []).append(time.perf_counter())
-
-    @event.listens_for(engine, "after_cursor_execute")
-    def _stop(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-        elapsed_ms = (time.perf_counter() - conn.info["myapp.query_started"].pop()) * 1000
-        if elapsed_ms >= threshold_ms:
-            endpoint = request.endpoint if has_request_context() else "-"
-            log.warning("slow query (%.0f ms) in %s: %s", elapsed_ms, endpoint, " ".join(statement.split()))
 
 
 # -- process lifecycle ---------------------------------------------------------------
@@ -222,46 +204,3 @@ def dispose_all_engines() -> None:
     waiting for a socket to time out, and a smart shutdown is not held up."""
     for engine in list(_all_engines):
         engine.dispose()
-
-
-# -- saying what went wrong, safely ---------------------------------------------------
-
-
-def mask_url(url: str | URL) -> str:
-    """Render a database URL with its password replaced by ***."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable database URL>"
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line that says what went wrong with the database, with no secrets in it.
-
-    The driver's message is kept (it names the host, port or user, never the
-    password); the SQL and its parameters are dropped.
-    """
-    original = getattr(exc, "orig", None) or exc
-    lines = [line.strip() for line in str(original).splitlines() if line.strip()]
-    message = lines[0] if lines else "no details"
-    return f"{type(original).__name__}: {message}"[:300]
-
-
-_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
-_RETRYABLE_MYSQL_CODES = frozenset({1213})  # deadlock found when trying to get lock
-
-
-def is_retryable(error: BaseException) -> bool:
-    """True for failures that a fresh run of the same unit of work may not meet again."""
-    original = getattr(error, "orig", None)
-    if original is None:
-        return False
-    if getattr(original, "sqlstate", None) in _RETRYABLE_SQLSTATES:
-        return True
-    args = getattr(original, "args", ())
-    if args and args[0] in _RETRYABLE_MYSQL_CODES:
-        return True
-    message = str(original)
-    return type(original).__module__.startswith("sqlite3") and (
-        "database is locked" in message or "database is busy" in message
-    )

@@ -1,0 +1,9 @@
+"""The database layer. Views and commands need only ``db`` (and models ``Base``);
+``lifecycle`` is where a reader starts."""
+
+from .base import Base
+from .lifecycle import Database, db
+from .session import AppSession
+from .tracking import LostWriteError, has_writes
+
+__all__ = ["AppSession", "Base", "Database", "LostWriteError", "db", "has_writes"]
