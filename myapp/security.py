@@ -55,7 +55,10 @@ def init_app(app: Flask) -> None:
     """Call after the blueprints are registered: it rate-limits the login view."""
     _trust_proxy(app)
     app.session_interface = HttpsAwareSessionInterface()
-    app.after_request(add_security_headers)
+    # First in the list, so it runs last of all after_request functions (Flask runs them
+    # in reverse): a response that another hook replaced (the error page of a failed
+    # DATABASE_COMMIT_ON_SUCCESS commit) still gets the headers.
+    app.after_request_funcs.setdefault(None, []).insert(0, add_security_headers)
     _limit_logins(app)
 
 

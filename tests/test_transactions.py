@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from myapp.db import LostWriteError, db
 from myapp.db.engines import dispose_all_engines
 from myapp.models import User
+from myapp.security import SECURITY_HEADERS
 
 from .conftest import Backend, make_app
 
@@ -172,6 +173,9 @@ def test_failed_commit_becomes_an_error_page(commit_app: Flask) -> None:
     assert b"this success must not reach the client" not in response.data
     assert b"Something went wrong" in response.data
     assert usernames(commit_app) == ["taken"]
+    # The replacement page is a response like any other: it carries the security headers.
+    for name, value in SECURITY_HEADERS.items():
+        assert response.headers.get(name) == value
 
 
 def test_policy_off_by_default(app: Flask, client) -> None:
