@@ -22,6 +22,7 @@ from sqlalchemy import Connection, event, func, select
 from myapp import create_app
 from myapp.auth import csrf
 from myapp.db import db
+from myapp.db.routing import read_only
 from myapp.models import Post, User
 
 if TYPE_CHECKING:
@@ -90,9 +91,11 @@ def slow_write(name: str) -> tuple[dict[str, str], int]:
 def leak() -> dict[str, int]:
     """Check out a connection, open a transaction on it and never give it back.
 
-    A GET, so that on SQLite the leaked transaction is a reader that blocks nobody.
+    On SQLite the connection is bound read-only (a deferred BEGIN), so that the leaked
+    transaction is a reader that blocks nobody.
     """
-    connection = db.get_engine().connect()
+    engine = db.get_engine()
+    connection = (read_only(engine) if engine.dialect.name == "sqlite" else engine).connect()
     connection.execute(select(func.count(User.id)))  # autobegins: 'idle in transaction'
     _leaked.append(connection)
     return {"leaked": len(_leaked)}

@@ -8,6 +8,8 @@ whose registry is never torn down) prove that the same checks see a leak.
 
 from __future__ import annotations
 
+import gc
+import logging
 import secrets
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +19,9 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask
+from flask.globals import app_ctx
 from sqlalchemy import func, select
+from sqlalchemy.util import ScopedRegistry
 
 from myapp.db import db
 from myapp.models import User
@@ -155,7 +159,32 @@ def test_control_a_route_that_keeps_its_connection_is_caught(app: Flask, backend
         assert open_on_server == 3
 
 
-def test_control_a_registry_without_teardown_is_caught(app: Flask, backend: Backend) -> None:
+def test_sessions_whose_teardown_never_runs_are_closed_with_their_context(
+    app: Flask, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The registry's safety net: with its teardown removed, each session is closed when
+    its context is freed (and said so in the log), so nothing stays behind."""
+    add_fault_routes(app, without_teardown=True)
+    client = app.test_client()
+    pool = db._state(app).engine.pool
+    with caplog.at_level(logging.WARNING, logger="myapp.db"):
+        for _ in range(5):
+            client.get("/_faults/read")
+        gc.collect()
+    left, checked_out = registry_size(), pool.checkedout()  # type: ignore[attr-defined]
+    closed = caplog.text.count("outlived its app context")
+    record("5 leaks", backend.name, "the registry's teardown removed", "sessions left / closed by the safety net",
+           f"{left} / {closed}", "0 / 5", left == 0 and closed == 5)
+    assert (left, checked_out, closed) == (0, 0, 5)
+
+
+def test_control_a_registry_without_teardown_or_safety_net_is_caught(
+    app: Flask, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same checks see a leak when nothing closes the sessions: a plain registry
+    keyed on id() of the context, and no teardown."""
+    plain = ScopedRegistry(db.session.registry.createfunc, lambda: id(app_ctx._get_current_object()))
+    monkeypatch.setattr(db.session, "registry", plain)
     add_fault_routes(app, without_teardown=True)
     client = app.test_client()
     pool = db._state(app).engine.pool
@@ -164,9 +193,9 @@ def test_control_a_registry_without_teardown_is_caught(app: Flask, backend: Back
             client.get("/_faults/read")
         left, checked_out = registry_size(), pool.checkedout()  # type: ignore[attr-defined]
     finally:
-        for session in list(db.session.registry.registry.values()):
+        for session in list(plain.registry.values()):
             session.close()
-        db.session.registry.registry.clear()
-    record("5 leaks", backend.name, "control: the registry's teardown removed", "sessions left in the registry",
+        plain.registry.clear()
+    record("5 leaks", backend.name, "control: no teardown, no safety net", "sessions left in the registry",
            left, ">0 (caught)", left > 0)
     assert left > 0 and checked_out > 0
