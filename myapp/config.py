@@ -48,6 +48,8 @@ ENVIRONMENT_SETTINGS: dict[str, Callable[[str], Any]] = {
     "DATABASE_QUERY_BUDGET": int,
     "DATABASE_COMMIT_ON_SUCCESS": _as_bool,
     "DATABASE_READ_ONLY_AUTOCOMMIT": _as_bool,
+    "DATABASE_NETWORK_TIMEOUT": int,
+    "DATABASE_PGBOUNCER": str,
     "SQLITE_BUSY_TIMEOUT": float,
     "POSTS_PER_PAGE": int,
     "SESSION_COOKIE_SECURE": _as_bool,
@@ -86,6 +88,13 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_COMMIT_ON_SUCCESS": False,  # commit requests that wrote and answered 2xx/3xx
     # PostgreSQL: GET/HEAD requests read in autocommit until their first write.
     "DATABASE_READ_ONLY_AUTOCOMMIT": True,
+    # Seconds before a connection whose server stopped answering fails (0: the kernel's
+    # ~15 minutes). PostgreSQL: tcp_user_timeout and keepalives; MariaDB: PyMySQL's
+    # read/write timeouts (a read may also take the statement timeout).
+    "DATABASE_NETWORK_TIMEOUT": 10,
+    # "transaction" behind PgBouncer's transaction pooling: no prepared statements,
+    # the statement timeout set per transaction (SET LOCAL). "" (direct) otherwise.
+    "DATABASE_PGBOUNCER": "",
     "SQLITE_BUSY_TIMEOUT": 5.0,
     "POSTS_PER_PAGE": 20,
     "MIGRATIONS_DIR": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations"),
@@ -122,6 +131,7 @@ def load_config(app: Flask, test_config: Mapping[str, Any] | None) -> None:
         app.config.from_mapping(test_config)
     _check_secret_key(app)
     _check_rate_limits(app)
+    _check_pgbouncer(app)
 
 
 def check_settings() -> None:
@@ -168,3 +178,12 @@ def _check_rate_limits(app: Flask) -> None:
                 f"{name} is invalid: {app.config[name]!r}; write it like \"5 per minute\" "
                 'or "5 per minute;20 per hour".'
             ) from None
+
+
+def _check_pgbouncer(app: Flask) -> None:
+    mode = app.config["DATABASE_PGBOUNCER"] or ""
+    if mode not in ("", "session", "transaction"):
+        raise ConfigError(
+            f"DATABASE_PGBOUNCER is invalid: {mode!r}; use \"transaction\" behind PgBouncer's "
+            "transaction pooling, or leave it empty."
+        )

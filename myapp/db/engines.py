@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import os
 import select
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -39,6 +40,8 @@ def make_engine(config: Mapping[str, Any], instance_path: str, *, probe: bool = 
     connect_args: dict[str, Any] = {}
     connect_timeout = int(config["DATABASE_PING_TIMEOUT" if probe else "DATABASE_CONNECT_TIMEOUT"])
     statement_timeout_ms = int(config.get("DATABASE_STATEMENT_TIMEOUT") or 0)
+    network_timeout = int(config.get("DATABASE_NETWORK_TIMEOUT") or 0)
+    pgbouncer = config.get("DATABASE_PGBOUNCER") == "transaction"
 
     if backend == "sqlite" and _is_memory(url):
         options["poolclass"] = StaticPool  # one database shared by every session
@@ -57,11 +60,22 @@ def make_engine(config: Mapping[str, Any], instance_path: str, *, probe: bool = 
         connect_args["timeout"] = float(config["SQLITE_BUSY_TIMEOUT"])
     elif backend == "postgresql":
         connect_args["connect_timeout"] = connect_timeout
-        if statement_timeout_ms:
+        if network_timeout:
+            connect_args.update(_tcp_timeouts(network_timeout))
+        if pgbouncer:
+            # Transaction pooling hands each transaction to any server connection: a
+            # statement psycopg prepared on one is unknown on the next.
+            connect_args["prepare_threshold"] = None
+        elif statement_timeout_ms:
             connect_args["options"] = f"-c statement_timeout={statement_timeout_ms}"
     elif backend in ("mysql", "mariadb"):
         url = url.update_query_dict({"charset": "utf8mb4"})
         connect_args["connect_timeout"] = connect_timeout
+        if network_timeout:
+            # PyMySQL waits on a socket read for as long as this: it must outlast the
+            # longest statement the server lets run.
+            connect_args["read_timeout"] = network_timeout + statement_timeout_ms // 1000
+            connect_args["write_timeout"] = network_timeout
         if statement_timeout_ms:
             connect_args["init_command"] = f"SET SESSION max_statement_time={statement_timeout_ms / 1000}"
 
@@ -72,6 +86,8 @@ def make_engine(config: Mapping[str, Any], instance_path: str, *, probe: bool = 
         _name_connections(engine, config["DATABASE_APP_NAME"])
     if backend == "postgresql" and not probe:
         _ping_only_when_the_socket_speaks(engine)
+    if pgbouncer and statement_timeout_ms:
+        _set_statement_timeout_per_transaction(engine, statement_timeout_ms)
     if not probe:
         _all_engines.add(engine)
     return engine
@@ -92,6 +108,32 @@ def _resolve_url(raw: str | URL, instance_path: str) -> URL:
     return url
 
 
+def _tcp_timeouts(seconds: int) -> dict[str, int]:
+    """libpq settings that make a silent network fail a connection within ``seconds``.
+
+    tcp_user_timeout bounds a statement whose packets go unacknowledged (the host
+    vanished); keepalives bound a wait for an answer on a link that went quiet after
+    the statement was acknowledged. Without them the kernel retransmits for ~15 minutes.
+    """
+    idle, interval = max(1, seconds // 2), max(1, seconds // 6)
+    return {
+        "tcp_user_timeout": seconds * 1000,
+        "keepalives": 1,
+        "keepalives_idle": idle,
+        "keepalives_interval": interval,
+        "keepalives_count": 3,
+    }
+
+
+def _set_statement_timeout_per_transaction(engine: Engine, timeout_ms: int) -> None:
+    """Behind PgBouncer the startup ``options`` are refused: set the timeout per
+    transaction instead (SET LOCAL ends with it, so no other client inherits it)."""
+
+    @event.listens_for(engine, "begin")
+    def _set_local(connection: Any) -> None:
+        connection.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+
+
 def _name_connections(engine: Engine, app_name: str) -> None:
     """Label every connection with the app and the worker's pid, so that an operator
     (or a fault test) can tell whose connection a server-side session is."""
@@ -104,28 +146,41 @@ def _name_connections(engine: Engine, app_name: str) -> None:
         cparams[key] = f"{app_name}:{os.getpid()}"
 
 
-def _ping_only_when_the_socket_speaks(engine: Engine) -> None:
-    """Make PostgreSQL's pre-ping free for a connection whose socket is quiet.
+# A pooled connection checked in longer ago than this gets a real ping.
+QUIET_PING_WINDOW = 1.0
 
-    An idle connection receives nothing unless the server ended it: a restart, a
-    ``pg_terminate_backend`` or an idle timeout sends a FATAL message and closes the
-    socket, which makes it readable. So when psycopg sees the connection idle and
-    intact and a zero-timeout poll finds nothing to read, the SELECT 1 round trip can
-    only say "alive" and is skipped; otherwise the real ping runs, and a failure goes
-    through ``pool_pre_ping``'s usual path (invalidate the pool, reconnect). A frozen
-    or unreachable server goes unnoticed, as it does with a real ping, which would
-    block. (The same check as go-sql-driver/mysql's ``connCheck`` before reuse.)
+
+def _ping_only_when_the_socket_speaks(engine: Engine) -> None:
+    """Make PostgreSQL's pre-ping free for a connection checked in moments ago whose
+    socket is quiet.
+
+    A server that ends a connection (a restart, ``pg_terminate_backend``, an idle
+    timeout) sends a FATAL message and closes the socket, which makes it readable. So
+    for a connection that psycopg sees idle and intact, that was in use less than
+    ``QUIET_PING_WINDOW`` ago, and whose socket a zero-timeout poll finds empty, the
+    SELECT 1 round trip can only say "alive" and is skipped. Older connections always
+    get the real ping: a host that vanished without a word (a partition, a failover
+    that moved the address) leaves the socket quiet, and only a round trip, bounded by
+    the TCP timeouts, finds that out before a view is handed the connection.
     """
     real_ping = engine.dialect.do_ping
+    checked_in: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    @event.listens_for(engine, "checkin")
+    def _note_checkin(dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is not None:
+            checked_in[dbapi_connection] = time.monotonic()
 
     def do_ping(dbapi_connection: Any) -> bool:
-        if _socket_is_quiet(dbapi_connection):
+        recently = time.monotonic() - checked_in.get(dbapi_connection, 0.0) < QUIET_PING_WINDOW
+        if recently and _socket_is_quiet(dbapi_connection):
             return True
         return real_ping(dbapi_connection)
 
     # The one place the layer replaces a library method: SQLAlchemy has no hook between
     # "checked out" and "pinged", and pool_pre_ping (the seed's promise) calls the
-    # dialect's do_ping. tests/db/test_engines.py fails if a ping stops going through it.
+    # dialect's do_ping. tests/test_bench_peers.py::test_quiet_connection_skips_the_ping_and_a_spoken_one_gets_it
+    # fails if a ping stops going through it.
     engine.dialect.do_ping = do_ping  # type: ignore[method-assign]
 
 

@@ -184,7 +184,7 @@ class Database:
             raise ConfigError(
                 f"DATABASE_URL {mask_url(config['DATABASE_URL'])!r} is invalid: {error}"
             ) from None
-        if config["DATABASE_READ_ONLY_AUTOCOMMIT"] and engine.dialect.name == "postgresql":
+        if _reads_in_autocommit(config, engine):
             routing.install_autocommit_reads(engine)
         if config.get("DATABASE_SLOW_QUERY_MS"):
             instrumentation.log_slow_queries(engine, float(config["DATABASE_SLOW_QUERY_MS"]))
@@ -340,6 +340,14 @@ class Database:
         """Run everything inside one outer transaction that is rolled back at the end
         (``myapp.db.testing``)."""
         return testing.isolated(self._state(app), self._make_sessionmaker)
+
+
+def _reads_in_autocommit(config: Any, engine: Engine) -> bool:
+    """The read-only fast path is PostgreSQL's; behind PgBouncer with a statement
+    timeout every unit needs its transaction, where SET LOCAL applies the timeout."""
+    if not config["DATABASE_READ_ONLY_AUTOCOMMIT"] or engine.dialect.name != "postgresql":
+        return False
+    return not (config["DATABASE_PGBOUNCER"] == "transaction" and config["DATABASE_STATEMENT_TIMEOUT"])
 
 
 def _describe_origin() -> str:
