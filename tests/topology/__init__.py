@@ -1,0 +1,11 @@
+"""Throwaway multi-server topologies for the fault suite (issue 10): a PostgreSQL
+primary with streaming standbys, servers inside network namespaces that can be cut off
+silently, and PgBouncer. Every builder is a context manager that removes what it made,
+by PID and by name of its own namespace, whatever happens in the test.
+
+Session-scoped pytest fixtures around them are in :mod:`tests.topology.fixtures`.
+"""
+
+from .netns import NetNamespace, network_namespace
+
+__all__ = ["NetNamespace", "network_namespace"]
