@@ -7,5 +7,7 @@ Session-scoped pytest fixtures around them are in :mod:`tests.topology.fixtures`
 """
 
 from .netns import NetNamespace, network_namespace
+from .postgres import PgNode, ReplicatedPostgres, namespaced_postgres, replicated_postgres
 
-__all__ = ["NetNamespace", "network_namespace"]
+__all__ = ["NetNamespace", "PgNode", "ReplicatedPostgres", "namespaced_postgres", "network_namespace",
+           "replicated_postgres"]
