@@ -6,8 +6,9 @@ by PID and by name of its own namespace, whatever happens in the test.
 Session-scoped pytest fixtures around them are in :mod:`tests.topology.fixtures`.
 """
 
+from .mariadb import NamespacedMariaDB, namespaced_mariadb
 from .netns import NetNamespace, network_namespace
 from .postgres import PgNode, ReplicatedPostgres, namespaced_postgres, replicated_postgres
 
-__all__ = ["NetNamespace", "PgNode", "ReplicatedPostgres", "namespaced_postgres", "network_namespace",
-           "replicated_postgres"]
+__all__ = ["NamespacedMariaDB", "NetNamespace", "PgNode", "ReplicatedPostgres", "namespaced_mariadb", "namespaced_postgres",
+           "network_namespace", "replicated_postgres"]
