@@ -8,7 +8,10 @@ Session-scoped pytest fixtures around them are in :mod:`tests.topology.fixtures`
 
 from .mariadb import NamespacedMariaDB, namespaced_mariadb
 from .netns import NetNamespace, network_namespace
+from .pgbouncer import PgBouncer, pgbouncer
 from .postgres import PgNode, ReplicatedPostgres, namespaced_postgres, replicated_postgres
 
-__all__ = ["NamespacedMariaDB", "NetNamespace", "PgNode", "ReplicatedPostgres", "namespaced_mariadb", "namespaced_postgres",
-           "network_namespace", "replicated_postgres"]
+__all__ = [
+    "NamespacedMariaDB", "NetNamespace", "PgBouncer", "PgNode", "ReplicatedPostgres", "namespaced_mariadb",
+    "namespaced_postgres", "network_namespace", "pgbouncer", "replicated_postgres",
+]
