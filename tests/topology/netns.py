@@ -110,9 +110,9 @@ class NetNamespace:
         _ip("addr", "add", f"{self.host_address}/{self.network.prefixlen}", "dev", self.host_device)
         _ip("-n", self.name, "addr", "add", f"{self.address}/{self.network.prefixlen}", "dev", self.inner_device)
         # Pinned neighbour entries: no ARP on the link, and none failing during a
-        # partition. Without them the host's kernel would give up resolving the address
-        # after about a second of a partition and new connects would fail at once with
-        # "No route to host" (EHOSTUNREACH), which is not a silent partition.
+        # partition. Without them the host's kernel flushes its entry when the link goes
+        # down, gives up resolving the address about 3 s later, and new connects then
+        # fail after ~1 s with "No route to host" (EHOSTUNREACH): not a silent partition.
         host_mac = Path(f"/sys/class/net/{self.host_device}/address").read_text().strip()
         inner_mac = self.run("cat", f"/sys/class/net/{self.inner_device}/address").strip()
         _ip("neigh", "replace", self.address, "lladdr", inner_mac, "dev", self.host_device, "nud", "permanent")

@@ -215,6 +215,13 @@ def _node(label: str, netns: NetNamespace | None = None, extra_listen: Sequence[
     try:
         yield node
     finally:
+        if netns is not None and netns.partitioned:
+            # A fast shutdown of a primary waits for its standbys to confirm the last
+            # WAL; across a partition that is wal_sender_timeout (60 s): heal first.
+            try:
+                netns.heal()
+            except Exception:
+                pass
         try:
             node.ensure_stopped()
         finally:
