@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 
 import pytest
 from flask import Flask
-from sqlalchemy import func, select, text
+from sqlalchemy import Engine, delete, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.util import ScopedRegistry
@@ -24,6 +25,13 @@ def _count_users(app: Flask) -> int:
     """Count through a connection of its own, outside any registry session."""
     with app.extensions["myapp.database"].engine.connect() as connection:
         return connection.scalar(select(func.count()).select_from(User.__table__)) or 0
+
+
+def _users_named(engine: Engine, username: str) -> int:
+    """Count, over a connection of its own, the committed users called ``username``."""
+    users = User.__table__
+    with engine.connect() as connection:
+        return connection.scalar(select(func.count()).select_from(users).where(users.c.username == username)) or 0
 
 
 def _add_user_route(app: Flask) -> None:
@@ -273,16 +281,46 @@ def test_nested_context_in_a_cli_command_keeps_the_outer_session(app: Flask, run
     assert app.extensions["myapp.database"].engine.pool.checkedout() == 0
 
 
-def test_isolation_rolls_back_what_requests_committed(app: Flask, client, auth) -> None:
-    """Requests commit as usual inside the test; the next test starts clean."""
-    auth.register("isolated")
-    with app.app_context():
-        assert db.session.scalar(select(func.count()).select_from(User)) == 1
+def _register(app: Flask, username: str) -> None:
+    """Register through the view, which commits its own unit of work."""
+    response = app.test_client().post("/auth/register", data={"username": username, "password": "correct horse"})
+    assert response.status_code == 302, response.get_data(as_text=True)
 
 
-def test_isolation_previous_test_left_nothing(app: Flask) -> None:
-    with app.app_context():
-        assert db.session.scalar(select(func.count()).select_from(User)) == 0
+def test_isolation_keeps_what_a_test_commits_out_of_the_database(backend: Backend) -> None:
+    """Inside ``db.test_isolation`` a view's commit is seen by the rest of the test; once
+    the isolation ends, neither a new isolation nor a connection of its own sees it."""
+    app = make_app(backend.url)
+    engine = app.extensions["myapp.database"].engine
+    name = f"isolated-{secrets.token_hex(4)}"
+    count = select(func.count()).select_from(User).where(User.username == name)
+    try:
+        with db.test_isolation(app):
+            _register(app, name)
+            with app.app_context():
+                assert db.session.scalar(count) == 1
+        with db.test_isolation(app):
+            with app.app_context():
+                assert db.session.scalar(count) == 0
+        assert _users_named(engine, name) == 0
+        assert engine.pool.checkedout() == 0
+    finally:
+        engine.dispose()
+
+
+def test_negative_control_without_isolation_the_commit_reaches_the_database(backend: Backend) -> None:
+    """The check above can fail: the same registration without isolation is committed,
+    and the same count finds it."""
+    app = make_app(backend.url)
+    engine = app.extensions["myapp.database"].engine
+    name = f"committed-{secrets.token_hex(4)}"
+    try:
+        _register(app, name)
+        assert _users_named(engine, name) == 1
+    finally:
+        with engine.begin() as connection:
+            connection.execute(delete(User.__table__).where(User.__table__.c.username == name))
+        engine.dispose()
 
 
 def test_describe_error_is_one_line_without_sql(app: Flask) -> None:
