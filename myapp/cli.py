@@ -126,13 +126,20 @@ def db_status() -> None:
     latency = db.ping()
     current = _current_revision()
     pool = engine.pool
+    breaker = db.breaker_status()
     rows = [
         ("revision", f"{current or '(empty)'} (head: {head}{', up to date' if current == head else ', run flask db upgrade'})"),
         ("pool", pool.status() if hasattr(pool, "status") else type(pool).__name__),
         ("ping", f"{latency * 1000:.1f} ms"),
+        ("breaker", "off" if breaker is None else _describe_breaker(breaker)),
     ]
     for label, value in rows:
         click.echo(f"{label:<9}{value}")
+
+
+def _describe_breaker(status: dict[str, Any]) -> str:
+    line = f"{status['state']} in this process, {status['failures_in_a_row']} failures in a row"
+    return line + (f" (last: {status['last_error']})" if status["last_error"] else "")
 
 
 def _current_revision() -> str | None:

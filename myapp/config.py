@@ -49,6 +49,10 @@ ENVIRONMENT_SETTINGS: dict[str, Callable[[str], Any]] = {
     "DATABASE_COMMIT_ON_SUCCESS": _as_bool,
     "DATABASE_READ_ONLY_AUTOCOMMIT": _as_bool,
     "DATABASE_NETWORK_TIMEOUT": int,
+    "DATABASE_BREAKER_THRESHOLD": int,
+    "DATABASE_BREAKER_RESET": float,
+    "DATABASE_BULKHEAD": int,
+    "DATABASE_BULKHEAD_TIMEOUT": float,
     "DATABASE_PGBOUNCER": str,
     "SQLITE_BUSY_TIMEOUT": float,
     "POSTS_PER_PAGE": int,
@@ -92,6 +96,18 @@ DEFAULTS: dict[str, Any] = {
     # ~15 minutes). PostgreSQL: tcp_user_timeout and keepalives; MariaDB: PyMySQL's
     # read/write timeouts (a read may also take the statement timeout).
     "DATABASE_NETWORK_TIMEOUT": 10,
+    # Failures to answer in a row (connect failures, lost connections, network
+    # timeouts) that open the circuit breaker: then requests that need the database get
+    # a 503 at once, and after DATABASE_BREAKER_RESET seconds one probe checks whether
+    # it is back. 0: no breaker.
+    "DATABASE_BREAKER_THRESHOLD": 3,
+    "DATABASE_BREAKER_RESET": 1.0,
+    # Threads of a process that may use the database at once (0: no cap); a request
+    # over the cap waits DATABASE_BULKHEAD_TIMEOUT seconds for a slot, then gets a
+    # 503. gunicorn.conf.py sets it to GUNICORN_THREADS - 1 so that a thread is always
+    # free for /healthz.
+    "DATABASE_BULKHEAD": 0,
+    "DATABASE_BULKHEAD_TIMEOUT": 0.5,
     # "transaction" behind PgBouncer's transaction pooling: no prepared statements,
     # the statement timeout set per transaction (SET LOCAL). "" (direct) otherwise.
     "DATABASE_PGBOUNCER": "",

@@ -9,6 +9,7 @@ from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
 from .db import db
+from .db.breaker import DatabaseUnavailable
 from .db.errors import describe_error, unavailable_reason
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(HTTPException, render_http_error)
     app.register_error_handler(sa_exc.DBAPIError, render_database_error)
     app.register_error_handler(sa_exc.TimeoutError, render_database_error)
+    app.register_error_handler(DatabaseUnavailable, render_database_refused)
 
 
 def error_page(code: int, description: str | None = None) -> str:
@@ -82,3 +84,10 @@ def render_database_error(error: sa_exc.SQLAlchemyError) -> tuple[str, int, dict
     log.warning("database unavailable (%s): %s", reason, describe_error(error))
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     return error_page(503, _UNAVAILABLE_MESSAGES[reason]), 503, headers
+
+
+def render_database_refused(error: DatabaseUnavailable) -> tuple[str, int, dict[str, str]]:
+    """The breaker is open or every database slot is busy: the request never reached the
+    database, so a 503 at once, saying when to come back."""
+    log.warning("database request refused (%s): %s", error.reason, error)
+    return error_page(503, _UNAVAILABLE_MESSAGES[error.reason]), 503, {"Retry-After": str(error.retry_after)}

@@ -19,9 +19,14 @@ def healthz() -> dict[str, str]:
 
 @bp.get("/readyz")
 def readyz() -> tuple[dict[str, object], int]:
-    """Ready when the database accepts a new connection within the ping timeout."""
+    """Ready when the database accepts a new connection within the ping timeout and
+    this worker's circuit breaker is closed (an open one answers at once, no ping)."""
+    breaker = db.breaker_status()
+    if breaker is not None and breaker["state"] != "closed":
+        reason = f"circuit breaker {breaker['state']}: {breaker['last_error']}"
+        return {"status": "unavailable", "reason": reason, "breaker": breaker}, 503
     try:
         latency = db.ping()
     except SQLAlchemyError as error:
-        return {"status": "unavailable", "reason": describe_error(error)}, 503
-    return {"status": "ready", "database_latency_ms": round(latency * 1000, 2)}, 200
+        return {"status": "unavailable", "reason": describe_error(error), "breaker": breaker}, 503
+    return {"status": "ready", "database_latency_ms": round(latency * 1000, 2), "breaker": breaker}, 200

@@ -40,8 +40,9 @@ from sqlalchemy.util import ScopedRegistry
 from werkzeug.wrappers import Response
 
 from ..config import ConfigError
-from . import instrumentation, routing, testing, tracking, units
+from . import breaker, instrumentation, routing, testing, tracking, units
 from .base import Base
+from .breaker import Breaker, Bulkhead
 from .engines import make_engine, register_process_hooks
 from .errors import describe_error, mask_url
 from .session import AppSession
@@ -53,6 +54,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 EXTENSION_KEY = "myapp.database"
+
+_SLOT = "myapp.bulkhead_slot"  # in a session's info: gives its bulkhead slot back
 
 # Request methods that promise not to write: their sessions are bound READ_ONLY.
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -76,6 +79,8 @@ class AppState:
     probe_engine: Engine
     read_only_engine: Engine
     sessionmaker: sessionmaker[AppSession]
+    breaker: Breaker | None = None
+    bulkhead: Bulkhead | None = None
     isolated: bool = False  # inside db.test_isolation(): one connection for everything
 
 
@@ -132,6 +137,14 @@ def _close_abandoned(session: AppSession) -> None:
         session.close()
     except SQLAlchemyError as error:
         log.warning("closing the abandoned session failed: %s", describe_error(error))
+    finally:
+        _release_slot(session)
+
+
+def _release_slot(session: AppSession) -> None:
+    release = session.info.pop(_SLOT, None)
+    if release is not None:
+        release()
 
 
 class Database:
@@ -195,6 +208,14 @@ class Database:
             sessionmaker=self._make_sessionmaker(engine),
         )
         tracking.install_statement_tracking(engine)
+        if config["DATABASE_BREAKER_THRESHOLD"]:
+            state.breaker = Breaker(
+                int(config["DATABASE_BREAKER_THRESHOLD"]), float(config["DATABASE_BREAKER_RESET"]),
+                probe=lambda: _select_one(probe_engine),
+            )
+            breaker.watch(engine, state.breaker)
+        if config["DATABASE_BULKHEAD"]:
+            state.bulkhead = Bulkhead(int(config["DATABASE_BULKHEAD"]), float(config["DATABASE_BULKHEAD_TIMEOUT"]))
         if config["DATABASE_COMMIT_ON_SUCCESS"]:
             app.after_request(self._commit_before_response)
         if config["DATABASE_QUERY_BUDGET"] and (app.debug or app.testing):
@@ -224,10 +245,21 @@ class Database:
             ) from None
 
     def _create_scoped_session(self) -> AppSession:
+        """A context's first use of the database: past the breaker and the bulkhead,
+        then a session bound for reading only if the request promises not to write."""
         state = self._state()
-        read_only = has_request_context() and request.method in READ_ONLY_METHODS and not state.isolated
-        session = state.sessionmaker(bind=state.read_only_engine) if read_only else state.sessionmaker()
+        if state.breaker is not None:
+            state.breaker.check()
+        release = state.bulkhead.acquire() if state.bulkhead is not None else None
+        try:
+            read_only = has_request_context() and request.method in READ_ONLY_METHODS and not state.isolated
+            session = state.sessionmaker(bind=state.read_only_engine) if read_only else state.sessionmaker()
+        except BaseException:
+            if release is not None:
+                release()
+            raise
         session.info["origin"] = _describe_origin()
+        session.info[_SLOT] = release
         return session
 
     def _remove_session(self, exc: BaseException | None) -> None:
@@ -253,6 +285,7 @@ class Database:
 
     def _close_session(self) -> None:
         """Remove the context's session: roll back, return the connection, forget it."""
+        _release_slot(self.session())
         try:
             self.session.remove()
         except SQLAlchemyError as error:
@@ -332,14 +365,23 @@ class Database:
         Return the round trip in seconds; raise the database error otherwise.
         """
         started = time.perf_counter()
-        with self._state().probe_engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        _select_one(self._state().probe_engine)
         return time.perf_counter() - started
+
+    def breaker_status(self) -> dict[str, Any] | None:
+        """This process's circuit breaker (None when it is switched off)."""
+        breaker = self._state().breaker
+        return breaker.status() if breaker is not None else None
 
     def test_isolation(self, app: Flask) -> Any:
         """Run everything inside one outer transaction that is rolled back at the end
         (``myapp.db.testing``)."""
         return testing.isolated(self._state(app), self._make_sessionmaker)
+
+
+def _select_one(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
 
 
 def _reads_in_autocommit(config: Any, engine: Engine) -> bool:

@@ -1,0 +1,154 @@
+"""A circuit breaker and a bulkhead in front of the database, one of each per process.
+
+When the database stops answering, each request that needs it waits out a timeout,
+and once every thread of a worker waits, nothing is left to answer ``/healthz``: a
+load balancer then declares the whole site dead. So:
+
+- the **bulkhead** caps how many threads may use the database at once; a request over
+  the cap waits a moment for a slot, then gets a 503, and a thread stays free for
+  requests that need no database;
+- the **breaker** counts failures to answer (connect failures, lost connections, network
+  timeouts) in a row; past the threshold it *opens*: requests that need the database
+  get a 503 with ``Retry-After`` at once, and after ``reset_seconds`` a single request
+  probes the database with a fresh connection. Its success closes the breaker; its
+  failure keeps it open for another period.
+
+The lifecycle asks both when a context first uses ``db.session``; the engine's events
+report each statement's outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from sqlalchemy import Engine, event
+from sqlalchemy.exc import SQLAlchemyError
+
+from .errors import describe_error
+
+log = logging.getLogger(__name__)
+
+State = Literal["closed", "open", "probing"]
+
+
+class DatabaseUnavailable(SQLAlchemyError):
+    """The request was refused before it reached the database (a 503 page)."""
+
+    def __init__(self, reason: Literal["unreachable", "busy"], detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+class Breaker:
+    """Closed, open or probing; thread-safe; a closed breaker costs one attribute read."""
+
+    def __init__(self, threshold: int, reset_seconds: float, probe: Callable[[], Any]) -> None:
+        self.threshold = threshold
+        self.reset_seconds = reset_seconds
+        self._probe = probe
+        self._lock = threading.Lock()
+        self.state: State = "closed"
+        self.failures = 0
+        self.last_error = ""
+        self.opened_at = 0.0
+
+    def check(self) -> None:
+        """Return if the database may be used; raise DatabaseUnavailable if not.
+
+        The first caller after the open period runs the probe itself (a fresh
+        connection with the ping's short timeout), so at most one thread waits on it.
+        """
+        if self.state == "closed":
+            return
+        with self._lock:
+            waited = time.monotonic() - self.opened_at
+            if self.state == "probing" or waited < self.reset_seconds:
+                raise self._refusal(self.reset_seconds - waited)
+            self.state = "probing"
+        try:
+            self._probe()
+        except SQLAlchemyError as error:
+            with self._lock:
+                self.state, self.opened_at = "open", time.monotonic()
+                self.last_error = describe_error(error)
+            log.warning("database probe failed (%s); circuit stays open", self.last_error)
+            raise self._refusal(self.reset_seconds) from None
+        self._close("the probe answered")
+
+    def record_success(self) -> None:
+        if self.failures:
+            self._close("a statement succeeded")
+
+    def record_failure(self, error: BaseException) -> None:
+        with self._lock:
+            self.failures += 1
+            self.last_error = describe_error(error)
+            if self.state != "closed" or self.failures < self.threshold:
+                return
+            self.state, self.opened_at = "open", time.monotonic()
+        log.warning(
+            "database circuit open after %d failures in a row (last: %s): requests get a 503 "
+            "for %.1f s, then one probe", self.failures, self.last_error, self.reset_seconds,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """What /readyz and ``flask db status`` show."""
+        return {"state": self.state, "failures_in_a_row": self.failures, "last_error": self.last_error or None}
+
+    def _close(self, why: str) -> None:
+        with self._lock:
+            was, self.state, self.failures = self.state, "closed", 0
+        if was != "closed":
+            log.warning("database circuit closed: %s", why)
+
+    def _refusal(self, retry_after: float) -> DatabaseUnavailable:
+        return DatabaseUnavailable(
+            "unreachable", f"circuit open after {self.threshold} failures in a row; last: {self.last_error}",
+            retry_after,
+        )
+
+
+class Bulkhead:
+    """At most ``limit`` threads of this process use the database at once."""
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self.limit = limit
+        self.timeout = timeout
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def acquire(self) -> Callable[[], None]:
+        """Take a slot (waiting at most ``timeout``); return the function that gives it back."""
+        if not self._slots.acquire(timeout=self.timeout):
+            raise DatabaseUnavailable(
+                "busy", f"all {self.limit} database slots of this worker stayed busy for {self.timeout} s", 1
+            )
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._slots.release()
+
+        return release
+
+
+def watch(engine: Engine, breaker: Breaker) -> None:
+    """Report each statement's outcome, and each failure to connect, to the breaker."""
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _answered(*args: Any) -> None:
+        breaker.record_success()
+
+    @event.listens_for(engine, "handle_error")
+    def _failed(context: Any) -> None:
+        # A lost connection (a network timeout included) or a failed connect; not a
+        # constraint, a deadlock or a statement timeout: the server answered those.
+        if context.is_disconnect or context.connection is None:
+            breaker.record_failure(context.original_exception)

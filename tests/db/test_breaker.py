@@ -1,0 +1,166 @@
+"""The circuit breaker and the bulkhead, in one process: a database that refuses
+connections opens the breaker after a few failures, then requests are refused at once
+without touching it; a bulkhead at its cap answers 503 instead of queueing a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import event, func, select
+
+from myapp.db import db
+from myapp.models import User
+
+from ..conftest import UNREACHABLE_URLS, make_app
+
+THRESHOLD = 3
+
+
+@pytest.fixture(params=["postgresql", "mysql"])
+def refused_app(request: pytest.FixtureRequest) -> Iterator[tuple[Flask, list[float]]]:
+    """An app on a port where nothing listens (connects fail at once), counting its
+    connect attempts."""
+    app = make_app(
+        UNREACHABLE_URLS[request.param], PROPAGATE_EXCEPTIONS=False,
+        DATABASE_BREAKER_THRESHOLD=THRESHOLD, DATABASE_BREAKER_RESET=0.5,
+    )
+    attempts: list[float] = []
+    for engine in (app.extensions["myapp.database"].engine, app.extensions["myapp.database"].probe_engine):
+        event.listen(engine, "do_connect", lambda *args: attempts.append(time.monotonic()))
+    yield app, attempts
+    app.extensions["myapp.database"].engine.dispose()
+
+
+def test_breaker_opens_after_failures_in_a_row_and_refuses_at_once(
+    refused_app: tuple[Flask, list[float]], caplog: pytest.LogCaptureFixture
+) -> None:
+    app, attempts = refused_app
+    client = app.test_client()
+    for _ in range(THRESHOLD):
+        assert client.get("/").status_code == 503
+    tried = len(attempts)
+    assert tried >= THRESHOLD  # each of those requests tried the database
+
+    started = time.monotonic()
+    refused = [client.get("/") for _ in range(20)]
+    assert all(r.status_code == 503 and r.headers["Retry-After"] == "1" for r in refused)
+    assert "may or may not have been saved" in refused[0].text
+    assert time.monotonic() - started < 1.0
+    assert len(attempts) == tried  # not one more connect attempt while open
+    assert "database circuit open after 3 failures in a row" in caplog.text
+
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.get_json()["breaker"]["state"] == "open"
+    assert ready.get_json()["reason"].startswith("circuit breaker open: OperationalError")
+    assert client.get("/healthz").status_code == 200
+
+
+def test_one_probe_after_the_reset_period_then_open_again(refused_app: tuple[Flask, list[float]]) -> None:
+    app, attempts = refused_app
+    client = app.test_client()
+    for _ in range(THRESHOLD):
+        client.get("/")
+    time.sleep(0.6)  # past DATABASE_BREAKER_RESET
+    before = len(attempts)
+    assert client.get("/").status_code == 503  # this request probed, and failed
+    assert len(attempts) == before + 1  # exactly one connect: the probe's
+    assert [client.get("/").status_code for _ in range(5)] == [503] * 5
+    assert len(attempts) == before + 1
+
+
+def test_negative_control_without_breaker_every_request_tries_the_database() -> None:
+    app = make_app(UNREACHABLE_URLS["postgresql"], PROPAGATE_EXCEPTIONS=False, DATABASE_BREAKER_THRESHOLD=0)
+    attempts: list[float] = []
+    event.listen(app.extensions["myapp.database"].engine, "do_connect", lambda *args: attempts.append(1.0))
+    client = app.test_client()
+    for _ in range(10):
+        assert client.get("/").status_code == 503
+    assert len(attempts) >= 10
+    assert app.test_client().get("/readyz").get_json()["breaker"] is None
+
+
+@pytest.mark.real_commits
+def test_breaker_closes_when_the_probe_answers(app: Flask, caplog: pytest.LogCaptureFixture) -> None:
+    """Open it by hand (three reported failures), then let the real database answer."""
+    breaker = app.extensions["myapp.database"].breaker
+    for _ in range(THRESHOLD):
+        breaker.record_failure(RuntimeError("simulated loss"))
+    client = app.test_client()
+    assert client.get("/").status_code == 503
+    breaker.reset_seconds = 0.0
+    assert client.get("/").status_code == 200  # the probe answered: traffic resumes
+    assert breaker.status() == {"state": "closed", "failures_in_a_row": 0, "last_error": "RuntimeError: simulated loss"}
+    assert "database circuit closed: the probe answered" in caplog.text
+
+
+@pytest.mark.real_commits
+def test_a_statement_that_answers_resets_the_count(app: Flask) -> None:
+    breaker = app.extensions["myapp.database"].breaker
+    breaker.record_failure(RuntimeError("one"))
+    breaker.record_failure(RuntimeError("two"))
+    assert app.test_client().get("/").status_code == 200
+    assert breaker.failures == 0
+    breaker.record_failure(RuntimeError("three"))
+    assert breaker.state == "closed"
+
+
+# -- the bulkhead ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_config() -> dict[str, Any]:
+    return {"DATABASE_BULKHEAD": 1, "DATABASE_BULKHEAD_TIMEOUT": 0.2, "PROPAGATE_EXCEPTIONS": False}
+
+
+def _hold_the_database(app: Flask) -> tuple[threading.Event, threading.Event]:
+    """A route that keeps its database slot until told to let go."""
+    entered, leave = threading.Event(), threading.Event()
+
+    @app.get("/_test/hold")
+    def hold() -> str:
+        db.session.scalar(select(func.count()).select_from(User))
+        entered.set()
+        leave.wait(10)
+        return "held"
+
+    return entered, leave
+
+
+@pytest.mark.real_commits
+def test_bulkhead_at_its_cap_answers_503_and_keeps_threads_for_other_requests(app: Flask) -> None:
+    entered, leave = _hold_the_database(app)
+    holder = threading.Thread(target=lambda: app.test_client().get("/_test/hold"))
+    holder.start()
+    try:
+        assert entered.wait(10)
+        started = time.monotonic()
+        refused = app.test_client().get("/")
+        waited = time.monotonic() - started
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert "every database connection is in use" in refused.text
+        assert 0.2 <= waited < 1.0
+        assert app.test_client().get("/healthz").status_code == 200
+    finally:
+        leave.set()
+        holder.join(10)
+    assert app.test_client().get("/").status_code == 200  # the slot came back
+
+
+@pytest.mark.real_commits
+def test_negative_control_without_bulkhead_the_second_request_is_served(app: Flask) -> None:
+    app.extensions["myapp.database"].bulkhead = None
+    entered, leave = _hold_the_database(app)
+    holder = threading.Thread(target=lambda: app.test_client().get("/_test/hold"))
+    holder.start()
+    try:
+        assert entered.wait(10)
+        assert app.test_client().get("/").status_code == 200
+    finally:
+        leave.set()
+        holder.join(10)
