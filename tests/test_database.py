@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+import time
+from contextlib import ExitStack
+from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import Engine, delete, func, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, create_engine, delete, event, func, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy.pool import NullPool
 from sqlalchemy.util import ScopedRegistry
 from werkzeug.security import generate_password_hash
 
@@ -69,25 +74,36 @@ def test_get_engine_and_independent_sessions(app: Flask) -> None:
 
 def test_engine_options(app: Flask, backend: Backend) -> None:
     engine = app.extensions["myapp.database"].engine
-    assert engine.pool._pre_ping is True
     assert engine.hide_parameters is True
     assert engine.pool.size() == app.config["DATABASE_POOL_SIZE"]
-    assert engine.pool._max_overflow == app.config["DATABASE_MAX_OVERFLOW"]
-    assert engine.pool._timeout == app.config["DATABASE_POOL_TIMEOUT"]
-    assert engine.pool._recycle == app.config["DATABASE_POOL_RECYCLE"]
+    assert engine.pool.timeout() == app.config["DATABASE_POOL_TIMEOUT"]
 
 
-@pytest.mark.real_commits
 def test_pool_settings_come_from_config(backend: Backend) -> None:
+    """Size, overflow, timeout and recycle, each shown by what the pool does with them."""
     app = make_app(
         backend.url,
-        DATABASE_POOL_SIZE=3,
+        DATABASE_POOL_SIZE=2,
         DATABASE_MAX_OVERFLOW=1,
-        DATABASE_POOL_TIMEOUT=1.5,
-        DATABASE_POOL_RECYCLE=60,
+        DATABASE_POOL_TIMEOUT=0.2,
+        DATABASE_POOL_RECYCLE=1,
     )
-    pool = app.extensions["myapp.database"].engine.pool
-    assert (pool.size(), pool._max_overflow, pool._timeout, pool._recycle) == (3, 1, 1.5, 60)
+    engine = app.extensions["myapp.database"].engine
+    try:
+        assert (engine.pool.size(), engine.pool.timeout()) == (2, 0.2)
+        with ExitStack() as held:
+            # Two pooled connections and one overflow: the most the pool may open.
+            opened = [held.enter_context(engine.connect()).connection.dbapi_connection for _ in range(3)]
+            started = time.monotonic()
+            with pytest.raises(PoolTimeoutError):
+                engine.connect()
+            waited = time.monotonic() - started
+        assert 0.2 <= waited < 2, waited
+        time.sleep(1.2)  # past pool_recycle: a pooled connection is replaced, not reused
+        with engine.connect() as connection:
+            assert all(connection.connection.dbapi_connection is not old for old in opened)
+    finally:
+        engine.dispose()
 
 
 def test_backend_specific_connection_setup(app: Flask, backend: Backend) -> None:
@@ -105,16 +121,97 @@ def test_backend_specific_connection_setup(app: Flask, backend: Backend) -> None
             assert app.config["DATABASE_POOL_RECYCLE"] < int(wait_timeout)
 
 
-def test_connect_timeout_is_always_set(app: Flask, backend: Backend) -> None:
+def test_connect_timeout_is_always_set(backend: Backend) -> None:
+    """What the driver is asked to connect with, as a ``do_connect`` listener receives it
+    (after the app's own, which names the connection), for the pool and for the probe."""
+    app = make_app(backend.url, DATABASE_CONNECT_TIMEOUT=7, DATABASE_PING_TIMEOUT=3, SQLITE_BUSY_TIMEOUT=4.5)
+    state = app.extensions["myapp.database"]
+    seen: dict[str, dict[str, Any]] = {}
+
+    def capture(name: str) -> Any:
+        def listener(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+            seen[name] = dict(cparams)
+
+        return listener
+
+    event.listen(state.engine, "do_connect", capture("pool"))
+    event.listen(state.probe_engine, "do_connect", capture("probe"))
+    try:
+        with state.engine.connect():
+            pass
+        with app.app_context():
+            db.ping()
+    finally:
+        state.engine.dispose()
+        state.probe_engine.dispose()
+
+    if backend.is_sqlite:
+        assert seen["pool"]["timeout"] == seen["probe"]["timeout"] == 4.5
+        return
+    assert (seen["pool"]["connect_timeout"], seen["probe"]["connect_timeout"]) == (7, 3)
+    label = "application_name" if backend.name == "postgresql" else "program_name"
+    assert seen["pool"][label] == seen["probe"][label] == f"myapp-test:{os.getpid()}"
+    if backend.name == "mysql":
+        assert seen["pool"]["charset"] == "utf8mb4"
+
+
+def _end_behind_the_pools_back(engine: Engine, backend: Backend) -> Any:
+    """Pool one connection, then end it as a restart or an administrator would: the
+    server ends its session (SQLite has no server: the connection is closed under the
+    pool). Return that connection's DBAPI object, still in the pool, now dead."""
+    with engine.connect() as connection:
+        dead = connection.connection.dbapi_connection
+        if backend.name == "postgresql":
+            server_id = connection.scalar(text("SELECT pg_backend_pid()"))
+        elif backend.name == "mysql":
+            server_id = connection.scalar(text("SELECT CONNECTION_ID()"))
+    if backend.is_sqlite:
+        assert dead is not None
+        dead.close()
+        return dead
+    admin = create_engine(backend.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            if backend.name == "postgresql":  # waits until the backend is gone
+                assert connection.scalar(text("SELECT pg_terminate_backend(:id, 5000)"), {"id": server_id})
+                return dead
+            connection.execute(text(f"KILL CONNECTION {int(server_id)}"))
+            alive = text("SELECT COUNT(*) FROM information_schema.processlist WHERE id = :id")
+            deadline = time.monotonic() + 5
+            while connection.scalar(alive, {"id": server_id}):
+                assert time.monotonic() < deadline, "the killed connection is still there after 5 s"
+                time.sleep(0.05)
+    finally:
+        admin.dispose()
+    return dead
+
+
+def test_a_dead_pooled_connection_is_replaced_before_a_query_sees_it(backend: Backend) -> None:
+    """pool_pre_ping, by its effect: the next checkout finds the pooled connection dead
+    and opens another, and the query never sees the dead one."""
+    app = make_app(backend.url)
     engine = app.extensions["myapp.database"].engine
-    cargs, cparams = engine.dialect.create_connect_args(engine.url)
-    creator_args = engine.pool._creator.__closure__  # the merged connect_args live here
-    merged = {}
-    for cell in creator_args or ():
-        if isinstance(cell.cell_contents, dict):
-            merged.update(cell.cell_contents)
-    key = "timeout" if backend.is_sqlite else "connect_timeout"
-    assert key in merged, f"no {key} among {sorted(merged)}"
+    try:
+        dead = _end_behind_the_pools_back(engine, backend)
+        with engine.connect() as connection:
+            assert connection.scalar(text("SELECT 1")) == 1
+            assert connection.connection.dbapi_connection is not dead
+        assert engine.pool.checkedout() == 0
+    finally:
+        engine.dispose()
+
+
+def test_negative_control_without_pre_ping_the_dead_connection_reaches_the_query(backend: Backend) -> None:
+    """The harness can fail: the same dead connection, in a pool that does not ping, is
+    handed out and the query fails."""
+    engine = create_engine(backend.url, pool_pre_ping=False)
+    try:
+        _end_behind_the_pools_back(engine, backend)
+        with pytest.raises(DBAPIError):
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+    finally:
+        engine.dispose()
 
 
 def test_sqlite_write_transactions_take_the_lock_up_front(tmp_path) -> None:
@@ -319,7 +416,7 @@ def test_negative_control_without_isolation_the_commit_reaches_the_database(back
         assert _users_named(engine, name) == 1
     finally:
         with engine.begin() as connection:
-            connection.execute(delete(User.__table__).where(User.__table__.c.username == name))
+            connection.execute(delete(User).where(User.username == name))
         engine.dispose()
 
 
