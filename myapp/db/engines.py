@@ -84,6 +84,8 @@ def make_engine(config: Mapping[str, Any], instance_path: str, *, probe: bool = 
         _configure_sqlite(engine)
     else:
         _name_connections(engine, config["DATABASE_APP_NAME"])
+    if backend == "postgresql":
+        _discard_connections_to_a_read_only_server(engine)
     if backend == "postgresql" and not probe:
         _ping_only_when_the_socket_speaks(engine)
     if pgbouncer and statement_timeout_ms:
@@ -123,6 +125,24 @@ def _tcp_timeouts(seconds: int) -> dict[str, int]:
         "keepalives_interval": interval,
         "keepalives_count": 3,
     }
+
+
+# read_only_sql_transaction: a write reached a server that is (now) a standby.
+_READ_ONLY_SERVER_SQLSTATES = frozenset({"25006"})
+
+
+def _discard_connections_to_a_read_only_server(engine: Engine) -> None:
+    """After a failover, a pooled connection to the demoted primary still answers, but
+    refuses every write (SQLSTATE 25006), and pre-ping cannot tell. Count that as a
+    disconnect: SQLAlchemy then discards the connection and every older one in the pool,
+    and the next connect goes, through a multi-host URL with
+    ``target_session_attrs=read-write``, to the new primary."""
+    event.listen(engine, "handle_error", read_only_server_is_a_disconnect)
+
+
+def read_only_server_is_a_disconnect(context: Any) -> None:
+    if getattr(context.original_exception, "sqlstate", None) in _READ_ONLY_SERVER_SQLSTATES:
+        context.is_disconnect = True
 
 
 def _set_statement_timeout_per_transaction(engine: Engine, timeout_ms: int) -> None:

@@ -20,9 +20,6 @@ from myapp.models import User
 
 from ..conftest import Backend, make_app
 
-pytestmark = pytest.mark.real_commits
-
-
 @pytest.fixture
 def bare_app(backend: Backend) -> Iterator[Flask]:
     """An app outside test isolation: the registry's own sessions and connections."""

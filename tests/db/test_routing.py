@@ -24,7 +24,7 @@ from myapp.models import Post, User
 
 from ..conftest import Backend, make_app
 
-pytestmark = [pytest.mark.real_commits, pytest.mark.backends("postgresql")]
+postgres_only = pytest.mark.backends("postgresql")
 
 
 @pytest.fixture
@@ -79,6 +79,7 @@ def _max_checked_out(app: Flask) -> dict[str, int]:
 # -- one unit, one transaction -----------------------------------------------------------
 
 
+@postgres_only
 def test_reads_inside_db_transaction_are_in_the_transaction_that_writes(pg_app: Flask) -> None:
     post_id = _seed_post(pg_app)
     seen: dict[str, Any] = {}
@@ -108,6 +109,7 @@ def test_reads_inside_db_transaction_are_in_the_transaction_that_writes(pg_app: 
     assert checked_out["max"] == 1
 
 
+@postgres_only
 def test_negative_control_an_autocommit_read_is_outside_the_transaction(pg_app: Flask) -> None:
     """The same checks catch a split unit: a read on an autocommit connection gets a
     transaction id of its own and leaves its connection idle."""
@@ -120,6 +122,7 @@ def test_negative_control_an_autocommit_read_is_outside_the_transaction(pg_app: 
         assert _server_state(pg_app, pid) == "idle"
 
 
+@postgres_only
 def test_repeatable_read_unit_in_a_get_detects_the_concurrent_update(pg_app: Flask) -> None:
     """Read-modify-write under REPEATABLE READ: another transaction's update between the
     read and the write must make the write fail (40001), not be overwritten."""
@@ -155,6 +158,7 @@ def test_repeatable_read_unit_in_a_get_detects_the_concurrent_update(pg_app: Fla
         assert connection.scalar(select(Post.version).where(Post.id == post_id)) == 2
 
 
+@postgres_only
 def test_select_for_update_holds_its_lock_until_the_unit_ends(pg_app: Flask) -> None:
     post_id = _seed_post(pg_app)
     seen: dict[str, Any] = {}
@@ -177,6 +181,7 @@ def test_select_for_update_holds_its_lock_until_the_unit_ends(pg_app: Flask) -> 
     assert locked_by_someone() is False  # released at teardown
 
 
+@postgres_only
 def test_negative_control_a_lock_taken_in_autocommit_is_gone_at_once(pg_app: Flask) -> None:
     post_id = _seed_post(pg_app)
     with _engine(pg_app).connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
@@ -185,6 +190,7 @@ def test_negative_control_a_lock_taken_in_autocommit_is_gone_at_once(pg_app: Fla
             assert other.scalar(select(Post.id).where(Post.id == post_id).with_for_update(skip_locked=True)) == post_id
 
 
+@postgres_only
 def test_side_effecting_select_in_a_unit_runs_in_its_transaction(pg_app: Flask) -> None:
     """``pg_advisory_xact_lock`` is a SELECT; in autocommit its lock would end with it."""
     seen: dict[str, Any] = {}
@@ -205,6 +211,7 @@ def test_side_effecting_select_in_a_unit_runs_in_its_transaction(pg_app: Flask) 
     assert seen == {"free_inside": False, "free_after": True}
 
 
+@postgres_only
 def test_explicit_begin_keeps_the_unit_in_one_transaction(pg_app: Flask) -> None:
     seen: dict[str, Any] = {}
 
@@ -219,6 +226,7 @@ def test_explicit_begin_keeps_the_unit_in_one_transaction(pg_app: Flask) -> None
     assert seen["first"] == seen["second"]
 
 
+@postgres_only
 def test_connection_with_options_starts_the_transaction_it_configures(pg_app: Flask) -> None:
     seen: dict[str, Any] = {}
 
@@ -235,6 +243,7 @@ def test_connection_with_options_starts_the_transaction_it_configures(pg_app: Fl
     assert len(seen["xids"]) == 1
 
 
+@postgres_only
 def test_a_get_that_reads_writes_and_reads_holds_one_connection(pg_app: Flask) -> None:
     @pg_app.get("/_test/mixed")
     def mixed() -> str:
@@ -248,6 +257,7 @@ def test_a_get_that_reads_writes_and_reads_holds_one_connection(pg_app: Flask) -
     assert checked_out["max"] == 1
 
 
+@postgres_only
 def test_negative_control_a_second_session_is_counted(pg_app: Flask) -> None:
     @pg_app.get("/_test/two")
     def two() -> str:
@@ -261,6 +271,7 @@ def test_negative_control_a_second_session_is_counted(pg_app: Flask) -> None:
     assert checked_out["max"] == 2
 
 
+@postgres_only
 def test_pooled_connections_leave_autocommit_behind(pg_app: Flask) -> None:
     """A connection that read in autocommit goes back to the pool transactional: the next
     POST's writes are one transaction, rolled back together."""
@@ -279,6 +290,7 @@ def test_pooled_connections_leave_autocommit_behind(pg_app: Flask) -> None:
 # -- writes that bypass the ORM count as writes ------------------------------------------
 
 
+@postgres_only
 @pytest.mark.parametrize("how", ["text", "core", "connection"])
 def test_writes_through_text_and_core_are_lost_writes_if_not_committed(pg_app: Flask, how: str) -> None:
     statements = {
@@ -302,6 +314,7 @@ def test_writes_through_text_and_core_are_lost_writes_if_not_committed(pg_app: F
         assert connection.scalar(select(func.count()).select_from(User)) == 0
 
 
+@postgres_only
 def test_negative_control_a_textual_read_is_no_write(pg_app: Flask) -> None:
     @pg_app.get("/_test/read")
     def read() -> str:
