@@ -127,6 +127,8 @@ def test_register_rejects_bad_input_next_to_the_field(
 def test_register_accepts_the_password_length_limits(app: Flask, auth: AuthActions, password: str) -> None:
     assert auth.register("alice", password).status_code == 302
     assert len(accounts(app)) == 1
+    [(username, password_hash)] = accounts(app)
+    assert username == "alice" and check_password_hash(password_hash, password)
 
 
 @pytest.fixture
@@ -231,12 +233,15 @@ def test_wrong_password_and_unknown_user_look_the_same(client: FlaskClient, auth
 
 
 @pytest.mark.parametrize("typed", ["ALICE", " Alice "])
-def test_login_normalises_the_username(client: FlaskClient, auth: AuthActions, typed: str) -> None:
+def test_login_normalises_the_username(app: Flask, client: FlaskClient, auth: AuthActions, typed: str) -> None:
     auth.register()
 
     assert auth.login(typed).status_code == 302
     with client.session_transaction() as session:
         assert "user_id" in session
+        user_id = session["user_id"]
+    with app.app_context():
+        assert db.session.get(User, user_id).username == "alice"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -349,11 +354,14 @@ def test_forms_work_with_the_csrf_token_from_the_page(app: Flask, client: FlaskC
     registered = client.post("/auth/register", data={**credentials, "csrf_token": csrf_token(client, "/auth/register")})
     logged_in = client.post("/auth/login", data={**credentials, "csrf_token": csrf_token(client, "/auth/login")})
     refused_logout = client.post("/auth/logout")
+    with client.session_transaction() as session:
+        still_logged_in = "user_id" in session
     logged_out = client.post("/auth/logout", data={"csrf_token": csrf_token(client, "/")})
 
     assert registered.status_code == 302 and len(accounts(app)) == 1
     assert logged_in.status_code == 302
     assert refused_logout.status_code == 400
+    assert still_logged_in, "the logout without a token logged out"
     assert logged_out.status_code == 302
     with client.session_transaction() as session:
         assert "user_id" not in session
@@ -374,9 +382,11 @@ def test_login_required_sends_anonymous_visitors_to_login_and_back(client: Flask
     assert client.get("/posts/new").status_code == 200
 
 
-def test_login_with_nul_in_username_is_the_usual_error(auth: AuthActions) -> None:
+def test_login_with_nul_in_username_is_the_usual_error(client: FlaskClient, auth: AuthActions) -> None:
     """PostgreSQL refuses NUL even in a WHERE clause; the answer must stay the plain "no"."""
     auth.register()
     response = auth.login("al\x00ice")
     assert response.status_code == 200
     assert BAD_LOGIN in response.get_data(as_text=True)
+    with client.session_transaction() as session:
+        assert "user_id" not in session

@@ -13,7 +13,7 @@ from werkzeug.test import TestResponse
 
 from myapp.db import db
 from myapp.errors import RETRY_AFTER_SECONDS
-from myapp.models import User
+from myapp.models import Post, User
 
 from .conftest import AuthActions
 
@@ -45,7 +45,7 @@ def test_405_for_get_on_logout(client: FlaskClient) -> None:
     assert "POST" in response.headers["Allow"]  # RFC 9110: a 405 says what is allowed
 
 
-def test_403_when_editing_someone_elses_post(client: FlaskClient, auth: AuthActions) -> None:
+def test_403_when_editing_someone_elses_post(app: Flask, client: FlaskClient, auth: AuthActions) -> None:
     auth.register_and_login("alice")
     created = client.post("/posts/new", data={"title": "Mine", "body": "Alice's text"})
     assert created.status_code == 302
@@ -55,6 +55,8 @@ def test_403_when_editing_someone_elses_post(client: FlaskClient, auth: AuthActi
     html = assert_error_page(client.get(edit_url), 403, "Forbidden")
     assert ">bob<" in html  # the layout still shows who is logged in
     assert_error_page(client.post(edit_url, data={"title": "Hijacked", "body": "x"}), 403, "Forbidden")
+    with app.app_context():
+        assert [(p.title, p.body) for p in db.session.scalars(select(Post))] == [("Mine", "Alice's text")]
 
 
 @pytest.mark.parametrize(

@@ -177,6 +177,17 @@ def stored_limit_keys(app: Flask) -> list[str]:
         return sorted(db.session.scalars(select(RateLimit.key)))
 
 
+def stored_counters(app: Flask) -> dict[str, int]:
+    """The failed-login counters in the database, by bucket ("username:alice",
+    "address:127.0.0.1"): stored keys look like "LIMITER/<bucket>/auth.login/5/1/minute"."""
+    with app.app_context():
+        return {key.split("/")[1]: count for key, count in db.session.execute(select(RateLimit.key, RateLimit.count))}
+
+
+def address_counters(app: Flask) -> dict[str, int]:
+    return {bucket: count for bucket, count in stored_counters(app).items() if bucket.startswith("address:")}
+
+
 @limits_on()
 def test_failed_logins_are_limited_per_username(app: Flask, client: FlaskClient) -> None:
     add_user(app, "alice")
@@ -206,8 +217,12 @@ def test_failed_logins_are_limited_per_client_address(app: Flask, client: FlaskC
     for number in range(5):
         assert login(client, f"nobody{number}", "wrong password").status_code == 200
     assert login(client, "alice", PASSWORD).status_code == 429
+    assert not is_logged_in(client)
+    assert address_counters(app) == {"address:127.0.0.1": 5}
     elsewhere = login(client, "alice", PASSWORD, environ_base={"REMOTE_ADDR": "192.0.2.7"})
     assert elsewhere.status_code == 302
+    assert is_logged_in(client)
+    assert address_counters(app) == {"address:127.0.0.1": 5}  # a success adds no counter
 
 
 @limits_on()
@@ -216,6 +231,10 @@ def test_successful_logins_are_not_counted(app: Flask, client: FlaskClient) -> N
     for _ in range(6):
         assert login(client, "alice", PASSWORD).status_code == 302
         assert client.post("/auth/logout").status_code == 302
+    assert stored_counters(app) == {}
+    # Control: the limiter is on and counting, so the empty table above means something.
+    assert login(client, "alice", "wrong password").status_code == 200
+    assert stored_counters(app) == {"username:alice": 1, "address:127.0.0.1": 1}
 
 
 @limits_on()
@@ -224,6 +243,7 @@ def test_a_spoofed_forwarded_for_does_not_change_the_bucket(app: Flask, client: 
         headers = {"X-Forwarded-For": f"198.51.100.{number}"}
         assert login(client, f"nobody{number}", "wrong", headers=headers).status_code == 200
     assert login(client, "nobody9", "wrong", headers={"X-Forwarded-For": "198.51.100.99"}).status_code == 429
+    assert address_counters(app) == {"address:127.0.0.1": 5}
 
 
 @limits_on(PROXY_FIX_X_FOR=1)
@@ -232,6 +252,7 @@ def test_behind_a_trusted_proxy_each_forwarded_client_has_its_bucket(app: Flask,
         assert login(client, f"nobody{number}", "wrong", headers={"X-Forwarded-For": "198.51.100.1"}).status_code == 200
     assert login(client, "nobody9", "wrong", headers={"X-Forwarded-For": "198.51.100.1"}).status_code == 429
     assert login(client, "nobody9", "wrong", headers={"X-Forwarded-For": "198.51.100.2"}).status_code == 200
+    assert address_counters(app) == {"address:198.51.100.1": 5, "address:198.51.100.2": 1}
 
 
 @limits_on(PROPAGATE_EXCEPTIONS=False)
@@ -252,6 +273,7 @@ def test_a_failing_limiter_storage_fails_open_never_500(
         assert statuses == [200] * 5
         assert login(client, "alice", PASSWORD).status_code == 302
     assert "server closed the connection" in caplog.text
+    assert is_logged_in(client)
 
 
 def test_rate_limits_are_off_under_testing_unless_enabled(app: Flask, client: FlaskClient) -> None:
@@ -260,6 +282,7 @@ def test_rate_limits_are_off_under_testing_unless_enabled(app: Flask, client: Fl
     for _ in range(8):
         assert login(client, "alice", "wrong password").status_code == 200
     assert login(client, "alice", PASSWORD).status_code == 302
+    assert stored_counters(app) == {}
 
 
 # -- over real gunicorn: the limit holds across two workers ----------------------------------
