@@ -15,6 +15,9 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
 # Keep threads <= DATABASE_POOL_SIZE so that no thread waits for a connection.
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+# The bulkhead: at most threads - 1 of them wait on the database, so one is always free
+# for /healthz (and for any page that needs no database) when the database hangs.
+os.environ.setdefault("DATABASE_BULKHEAD", str(max(1, threads - 1)))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 20
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")

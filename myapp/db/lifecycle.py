@@ -245,13 +245,15 @@ class Database:
             ) from None
 
     def _create_scoped_session(self) -> AppSession:
-        """A context's first use of the database: past the breaker and the bulkhead,
+        """A context's first use of the database: past the bulkhead and the breaker,
         then a session bound for reading only if the request promises not to write."""
         state = self._state()
-        if state.breaker is not None:
-            state.breaker.check()
+        # The slot first: a breaker's probe waits on the database too, and must not take
+        # the thread the bulkhead keeps free.
         release = state.bulkhead.acquire() if state.bulkhead is not None else None
         try:
+            if state.breaker is not None:
+                state.breaker.check()
             read_only = has_request_context() and request.method in READ_ONLY_METHODS and not state.isolated
             session = state.sessionmaker(bind=state.read_only_engine) if read_only else state.sessionmaker()
         except BaseException:
