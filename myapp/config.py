@@ -1,6 +1,7 @@
 """Configuration: defaults, then ``instance/config.py``, then the environment, then
 the test mapping. The environment includes ``.env`` and ``.flaskenv``, which the
-``flask`` command and ``gunicorn.conf.py`` load through python-dotenv."""
+``flask`` command and the gunicorn settings (``myapp.gunicorn_conf``) load through
+python-dotenv."""
 
 from __future__ import annotations
 
