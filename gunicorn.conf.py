@@ -1,52 +1,14 @@
-"""gunicorn settings; each can be overridden from the environment (or .env).
+"""gunicorn settings for a checkout: those of the package, ``myapp/gunicorn_conf.py``.
 
 Run migrations first, as their own step: `flask db upgrade && gunicorn -c gunicorn.conf.py wsgi:app`.
+Installed from a wheel there is no checkout: see README.md, "Deploying from a wheel"
+(`gunicorn -c python:myapp.gunicorn_conf 'myapp:create_app()'`).
 """
-
-import os
-import sys
 
 from dotenv import load_dotenv
 
+# The .env next to this file, as before; the package's settings then add the working
+# folder's, without overriding anything already set.
 load_dotenv()
 
-bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gthread"
-# Keep threads <= DATABASE_POOL_SIZE so that no thread waits for a connection.
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
-# The bulkhead: at most threads - 1 of them wait on the database, so one is always free
-# for /healthz (and for any page that needs no database) when the database hangs.
-os.environ.setdefault("DATABASE_BULKHEAD", str(max(1, threads - 1)))
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
-graceful_timeout = 20
-accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
-preload_app = os.environ.get("GUNICORN_PRELOAD", "").lower() in ("1", "true", "yes")
-
-
-def on_starting(server):
-    # Refuse to start in one line when a setting is missing or invalid (SECRET_KEY),
-    # instead of every worker failing to boot with a traceback.
-    from myapp.config import ConfigError, check_settings
-
-    try:
-        check_settings()
-    except ConfigError as error:
-        raise SystemExit(f"Error: {error.format_message()}") from None
-
-
-def post_fork(server, worker):
-    # Pooled connections must never cross a fork (myapp.db.engines also registers an
-    # os.register_at_fork hook; this makes the rule visible where workers are made).
-    # Only a preloaded app can have any, and importing myapp here, before the worker
-    # installs its signal handlers, would let a SIGTERM in that window get lost.
-    engine = sys.modules.get("myapp.db.engines")
-    if engine is not None:
-        engine.forget_inherited_connections()
-
-
-def worker_exit(server, worker):
-    # Close pooled connections so the database does not wait for them to time out.
-    from myapp.db.engines import dispose_all_engines
-
-    dispose_all_engines()
+from myapp.gunicorn_conf import *  # noqa: E402,F401,F403

@@ -29,6 +29,7 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.security import generate_password_hash
 
 from .auth import CredentialsForm
+from .config import packaged_migrations_dir
 from .db import db
 from .db.errors import describe_error, mask_url
 from .models import Post, User, utcnow
@@ -66,7 +67,8 @@ def one_line_errors(command: F) -> F:
 def alembic_config() -> AlembicConfig:
     """Alembic's configuration, built from the app: no alembic.ini to keep in sync."""
     config = AlembicConfig()
-    config.set_main_option("script_location", current_app.config["MIGRATIONS_DIR"])
+    location = current_app.config["MIGRATIONS_DIR"] or packaged_migrations_dir()
+    config.set_main_option("script_location", location)
     return config
 
 

@@ -1,9 +1,11 @@
 """Configuration: defaults, then ``instance/config.py``, then the environment, then
 the test mapping. The environment includes ``.env`` and ``.flaskenv``, which the
-``flask`` command and ``gunicorn.conf.py`` load through python-dotenv."""
+``flask`` command and the gunicorn settings (``myapp.gunicorn_conf``) load through
+python-dotenv."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -113,7 +115,8 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_PGBOUNCER": "",
     "SQLITE_BUSY_TIMEOUT": 5.0,
     "POSTS_PER_PAGE": 20,
-    "MIGRATIONS_DIR": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations"),
+    # Alembic's folder; None: the one installed with the package (packaged_migrations_dir).
+    "MIGRATIONS_DIR": None,
     "MAX_CONTENT_LENGTH": 1024 * 1024,
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",
@@ -157,6 +160,27 @@ def check_settings() -> None:
     start in one line instead of every worker failing with a traceback.
     """
     load_config(Flask("myapp", instance_relative_config=True), None)
+
+
+# Top-level migrations/ in the source tree; setup.cfg installs it as this package.
+MIGRATIONS_PACKAGE = "myapp.migrations"
+
+
+def packaged_migrations_dir() -> str:
+    """The folder of the installed ``myapp.migrations`` package: ``migrations/`` of the
+    checkout in an editable install, ``site-packages/myapp/migrations`` from a wheel.
+
+    Found through the import system, never relative to this file: a wheel has no
+    checkout around the package. Located, not imported.
+    """
+    spec = importlib.util.find_spec(MIGRATIONS_PACKAGE)
+    locations = spec.submodule_search_locations if spec is not None else None
+    if not locations:
+        raise ConfigError(
+            f"the migrations are not installed (no package {MIGRATIONS_PACKAGE}): install myapp "
+            "(pip install -e . or its wheel), or set MIGRATIONS_DIR in instance/config.py."
+        )
+    return str(locations[0])
 
 
 def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -1,9 +1,14 @@
 """The Alembic migrations, run through ``flask db`` on a fresh database of each backend:
-up to head, down to base, up again, and ``flask db check`` catching drift."""
+up to head, down to base, up again, and ``flask db check`` catching drift; and where
+``flask db`` finds them: in the installed package, as a wheel deploy needs."""
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +18,7 @@ from flask import Flask
 from sqlalchemy import inspect, text
 
 from myapp.cli import alembic_config
+from myapp.config import MIGRATIONS_PACKAGE
 from myapp.db import Base
 
 from .conftest import BACKENDS, _throwaway_database, make_app
@@ -125,3 +131,56 @@ def test_upgrade_of_an_unknown_revision_is_one_line(fresh_app: Flask) -> None:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "no-such-revision" in lines[0]
     assert not tables(fresh_app) & MODEL_TABLES
+
+
+# -- where flask db finds the migrations -------------------------------------------
+
+
+@pytest.fixture
+def config_app() -> Iterator[Flask]:
+    """An app for reading its Alembic configuration; its database is never touched."""
+    app = make_app("sqlite://")
+    try:
+        yield app
+    finally:
+        app.extensions["myapp.database"].engine.dispose()
+
+
+def script_location(app: Flask) -> Path:
+    with app.app_context():
+        location = alembic_config().get_main_option("script_location")
+    assert location is not None
+    return Path(location)
+
+
+def test_migrations_are_the_installed_package_folder(config_app: Flask) -> None:
+    """The default MIGRATIONS_DIR is the package myapp.migrations, which a wheel carries."""
+    spec = importlib.util.find_spec(MIGRATIONS_PACKAGE)
+    assert spec is not None and spec.submodule_search_locations, f"{MIGRATIONS_PACKAGE} is not installed"
+    location = script_location(config_app)
+    assert location == Path(spec.submodule_search_locations[0])
+    assert (location / "env.py").is_file() and (location / "script.py.mako").is_file()
+    assert any((location / "versions").glob("0001_*.py"))
+
+
+def test_migrations_follow_the_package_wherever_it_is_installed(
+    config_app: Flask, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installed elsewhere (as from a wheel, with no checkout around myapp), the
+    package's folder is used: a path derived from ``__file__`` fails here."""
+    spec = importlib.util.find_spec(MIGRATIONS_PACKAGE)
+    assert spec is not None and spec.submodule_search_locations, f"{MIGRATIONS_PACKAGE} is not installed"
+    elsewhere = tmp_path / "site-packages" / "myapp" / "migrations"
+    shutil.copytree(spec.submodule_search_locations[0], elsewhere, ignore=shutil.ignore_patterns("__pycache__"))
+    moved = importlib.util.spec_from_file_location(
+        MIGRATIONS_PACKAGE, elsewhere / "__init__.py", submodule_search_locations=[str(elsewhere)]
+    )
+    assert moved is not None
+    # find_spec answers from sys.modules first, as it would for an imported package.
+    monkeypatch.setitem(sys.modules, MIGRATIONS_PACKAGE, importlib.util.module_from_spec(moved))
+
+    assert script_location(config_app) == elsewhere
+    with config_app.app_context():
+        script = ScriptDirectory.from_config(alembic_config())
+        paths = [Path(revision.path) for revision in script.walk_revisions()]
+    assert paths and all(path.parent == elsewhere / "versions" for path in paths)
