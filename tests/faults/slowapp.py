@@ -5,7 +5,8 @@ Never imported by the product. gunicorn serves it as ``tests.faults.slowapp:app`
 
 Environment switches, each a deliberate fault for a negative control:
 
-- ``FAULTS_PRE_PING=0``: the pool hands out connections without testing them.
+- ``FAULTS_PRE_PING=0``: the pool hands out connections without testing them (the
+  app's engines are created with ``pool_pre_ping=False``, nothing else changed).
 - ``FAULTS_FORK_DISPOSE=0``: the engine is left out of the fork hooks, so pooled
   connections cross the fork as they would without ``engine.dispose(close=False)``.
 - ``FAULTS_TOUCH_AT_IMPORT=1``: run a query while the app is built (in the gunicorn
@@ -16,15 +17,17 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
+from unittest import mock
 
 from flask import Blueprint, Flask, current_app, request
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from myapp import create_app
-from myapp.db import db
+from myapp.db import db, engines
 from myapp.db.engines import _all_engines
 
 bp = Blueprint("faults", __name__, url_prefix="/faults")
@@ -34,13 +37,36 @@ def _flag(name: str, default: str) -> bool:
     return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
 
 
+@contextmanager
+def _engines_without_pre_ping() -> Iterator[list[Engine]]:
+    """Have ``create_app`` build its engines with ``pool_pre_ping=False``; yield the
+    engines so built.
+
+    The app has no setting for it (pre-ping is always on), so the engine factory's
+    ``create_engine`` is wrapped while the app is built: same URL, same options, only
+    that one flag changed, through SQLAlchemy's public argument.
+    """
+    built: list[Engine] = []
+
+    def create_engine_without_pre_ping(*args: Any, **kwargs: Any) -> Engine:
+        built.append(create_engine(*args, **{**kwargs, "pool_pre_ping": False}))
+        return built[-1]
+
+    with mock.patch.object(engines, "create_engine", create_engine_without_pre_ping):
+        yield built
+
+
 def create_fault_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """The real app, with the routes below and the faults the environment asks for."""
-    app = create_app(test_config)
+    if _flag("FAULTS_PRE_PING", "1"):
+        app = create_app(test_config)
+    else:
+        with _engines_without_pre_ping() as built:
+            app = create_app(test_config)
+        # Should the factory stop creating engines through that name, the fault would
+        # silently not be injected and the negative controls would test nothing.
+        assert app.extensions["myapp.database"].engine in built, "the app's engine kept pre-ping"
     engine = app.extensions["myapp.database"].engine
-    if not _flag("FAULTS_PRE_PING", "1"):
-        # No public switch exists for this (see the report); the pool reads it per checkout.
-        engine.pool._pre_ping = False
     if not _flag("FAULTS_FORK_DISPOSE", "1"):
         _all_engines.discard(engine)
     app.register_blueprint(bp)
