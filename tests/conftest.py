@@ -262,10 +262,19 @@ def _delete_all_rows(engine: Any) -> None:
 
 @pytest.fixture
 def _push_request_context() -> None:
-    """Override pytest-flask's autouse fixture that pushes a request context around
-    every test: with one pushed, Flask 3.1 reuses it for test-client requests, so
-    ``teardown_appcontext`` would not run per request and no lifecycle test would
-    prove anything. Tests push a context themselves where they need one."""
+    """Switch off pytest-flask's private autouse fixture of this name, on purpose.
+
+    pytest-flask 1.3 pushes ``app.test_request_context()`` around every test that uses
+    the ``app`` fixture. With one pushed, Flask 3.1 reuses its app context for every
+    test-client request, so ``teardown_appcontext`` (which removes the request's
+    session and returns its connection) would not run per request, and no lifecycle
+    test would prove anything. pytest-flask has no public way to avoid the push (no
+    command-line option, ini setting or marker turns it off), so this is the one
+    place that overrides it, by name. Tests push a context themselves where they
+    need one. tests/test_pytest_flask_contract.py fails if pytest-flask renames the
+    fixture or stops making it autouse, or if a request context is pushed around a
+    test again.
+    """
 
 
 @pytest.fixture
