@@ -19,6 +19,7 @@ report each statement's outcome.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -115,26 +116,38 @@ class Breaker:
 
 
 class Bulkhead:
-    """At most ``limit`` threads of this process use the database at once."""
+    """At most ``limit`` threads of this process use the database at once.
+
+    A request over the cap waits for a slot only while some holder is younger than
+    ``timeout``: holders that answer in milliseconds free a slot soon, but when every
+    holder has been waiting that long the database is stuck, and the request is
+    refused at once instead of taking the thread kept free for /healthz.
+    """
 
     def __init__(self, limit: int, timeout: float) -> None:
         self.limit = limit
         self.timeout = timeout
-        self._slots = threading.BoundedSemaphore(limit)
+        self._changed = threading.Condition()
+        self._held: dict[int, float] = {}
+        self._tokens = itertools.count()
 
     def acquire(self) -> Callable[[], None]:
-        """Take a slot (waiting at most ``timeout``); return the function that gives it back."""
-        if not self._slots.acquire(timeout=self.timeout):
-            raise DatabaseUnavailable(
-                "busy", f"all {self.limit} database slots of this worker stayed busy for {self.timeout} s", 1
-            )
-        released = False
+        """Take a slot; return the function that gives it back (once)."""
+        with self._changed:
+            while len(self._held) >= self.limit:
+                remaining = max(self._held.values()) + self.timeout - time.monotonic()
+                if remaining <= 0:
+                    raise DatabaseUnavailable(
+                        "busy", f"all {self.limit} database slots of this worker busy for over {self.timeout} s", 1
+                    )
+                self._changed.wait(remaining)
+            token = next(self._tokens)
+            self._held[token] = time.monotonic()
 
         def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self._slots.release()
+            with self._changed:
+                if self._held.pop(token, None) is not None:
+                    self._changed.notify()
 
         return release
 

@@ -286,8 +286,11 @@ class Database:
             log.warning(message)
 
     def _close_session(self) -> None:
-        """Remove the context's session: roll back, return the connection, forget it."""
-        _release_slot(self.session())
+        """Remove the context's session: roll back, return the connection, forget it.
+
+        The bulkhead slot is given back last: the ROLLBACK waits on the database too.
+        """
+        session = self.session()
         try:
             self.session.remove()
         except SQLAlchemyError as error:
@@ -296,6 +299,8 @@ class Database:
             # has discarded the connection; the response already built must stand.
             self.session.registry.clear()
             log.warning("closing the session failed: %s", describe_error(error))
+        finally:
+            _release_slot(session)
 
     def _commit_before_response(self, response: Response) -> Response:
         """Commit a request that wrote and succeeded, before the response leaves; a
