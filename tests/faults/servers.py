@@ -253,15 +253,20 @@ def throwaway_server(kind: type[ThrowawayServer]) -> Iterator[ThrowawayServer]:
 
 
 @contextmanager
-def gunicorn(database_url: URL, workdir: Path, *, fault_app: bool = False, **env: str) -> Iterator[Server]:
+def gunicorn(
+    database_url: URL | str, workdir: Path, *, fault_app: bool = False, app: str | None = None, **env: str
+) -> Iterator[Server]:
     """Real gunicorn workers (``gunicorn.conf.py``) on ``database_url``, stopped at the end.
 
-    With ``fault_app`` they serve ``tests.faults.slowapp:app`` instead of ``wsgi:app``.
+    With ``fault_app`` they serve ``tests.faults.slowapp:app`` instead of ``wsgi:app``;
+    ``app`` names any other target. A URL string is passed as it is (a libpq multi-host
+    URL, say).
     Waits until every worker has booted, not just the first to answer.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    target = "tests.faults.slowapp:app" if fault_app else "wsgi:app"
-    server = start_gunicorn(database_url.render_as_string(hide_password=False), workdir, app=target, **env)
+    target = app or ("tests.faults.slowapp:app" if fault_app else "wsgi:app")
+    rendered = database_url if isinstance(database_url, str) else database_url.render_as_string(hide_password=False)
+    server = start_gunicorn(rendered, workdir, app=target, **env)
     try:
         _wait_for_workers(server, int(env.get("WEB_CONCURRENCY", "2")))
         yield server

@@ -49,14 +49,14 @@ from sqlalchemy import event
 from myapp import create_app
 from myapp.db.engines import read_only_server_is_a_disconnect
 from tests.conftest import migrate
-from tests.test_gunicorn import Server, start_gunicorn, stop_gunicorn
+from tests.test_gunicorn import Server
 from tests.topology import PgNode, ReplicatedPostgres, replicated_postgres
 from tests.topology.fixtures import require_namespaces, require_postgres
 from tests.topology.netns import wait_for
 
 from .conftest import escaped_errors
 from .figures import record
-from .servers import _wait_for_workers
+from .servers import gunicorn
 from .test_restart import CLIENT_TIMEOUT, Call, Verdict, judge, logged_errors, run_load, titles_in
 
 pytestmark = [pytest.mark.faults, pytest.mark.gunicorn]
@@ -130,13 +130,8 @@ def serving(topology: ReplicatedPostgres, workdir: Path, app: str) -> Iterator[S
     url = topology.multihost_url(DATABASE, nodes=topology.nodes)
     rendered = url.render_as_string(hide_password=False)
     assert rendered.count("host=") == 2 and "target_session_attrs=read-write" in rendered, rendered
-    workdir.mkdir(parents=True, exist_ok=True)
-    server = start_gunicorn(rendered, workdir, app=app, **APP_ENV)
-    try:
-        _wait_for_workers(server, WORKERS)
+    with gunicorn(rendered, workdir, app=app, **APP_ENV) as server:
         yield server
-    finally:
-        stop_gunicorn(server)
 
 
 # -- the faults ------------------------------------------------------------------------------
@@ -173,19 +168,19 @@ FAULT_AT = 2.5
 # so after the promotion an open breaker's next probe succeeds: BREAKER_RESET, plus a
 # bulkhead wait and a margin for a loaded machine.
 PLANNED = Scenario(
-    "10.3a planned switchover", "primary stopped (fast), standby promoted at once", stop_fast, 0.0, False,
+    "11 failover: planned switchover", "primary stopped (fast), standby promoted at once", stop_fast, 0.0, False,
     seconds=10.0, settle=BREAKER_RESET + 2)
 # (b), per worker: a probe in flight at the promotion spends PING_TIMEOUT on the vanished
 # first host and fails; after BREAKER_RESET the next probe spends it again and succeeds;
 # then each new pooled connection spends CONNECT_TIMEOUT there too, while requests over
 # the bulkhead get a 503; plus a margin. The load goes on past it for TAIL_SECONDS.
 UNPLANNED = Scenario(
-    "10.3b unplanned failover",
+    "11 failover: primary vanishes",
     f"primary's link down (silent partition), standby promoted {DETECTION_SECONDS:g} s later",
     vanish, DETECTION_SECONDS, True,
     seconds=16.0, settle=2 * PING_TIMEOUT + BREAKER_RESET + CONNECT_TIMEOUT + 3)
 DEMOTED = Scenario(
-    "10.3c demoted primary",
+    "11 failover: demoted primary",
     f"old primary turned read-only and kept reachable, standby promoted {DETECTION_SECONDS:g} s later",
     demote, DETECTION_SECONDS, False,
     seconds=10.0, settle=BREAKER_RESET + 2)
