@@ -7,8 +7,9 @@ load balancer then declares the whole site dead. So:
 - the **bulkhead** caps how many threads may use the database at once; a request over
   the cap waits a moment for a slot, then gets a 503, and a thread stays free for
   requests that need no database;
-- the **breaker** counts failures to answer (connect failures, lost connections, network
-  timeouts) in a row; past the threshold it *opens*: requests that need the database
+- the **breaker** counts failures to answer (connect attempts and statements that waited
+  at least ``SLOW_FAILURE_SECONDS`` and then failed: timeouts, lost connections) in a
+  row; past the threshold it *opens*: requests that need the database
   get a 503 with ``Retry-After`` at once, and after ``reset_seconds`` a single request
   probes the database with a fresh connection. Its success closes the breaker; its
   failure keeps it open for another period.
@@ -36,6 +37,12 @@ log = logging.getLogger(__name__)
 
 State = Literal["closed", "open", "probing"]
 
+# A failure counts only if it kept its thread waiting at least this long. A server that
+# refuses at once (a restart's "connection refused", a killed connection) ties up no
+# thread, and the next request may already succeed: opening the breaker would only
+# turn that request away.
+SLOW_FAILURE_SECONDS = 0.5
+
 
 class DatabaseUnavailable(SQLAlchemyError):
     """The request was refused before it reached the database (a 503 page)."""
@@ -52,6 +59,7 @@ class Breaker:
     def __init__(self, threshold: int, reset_seconds: float, probe: Callable[[], Any]) -> None:
         self.threshold = threshold
         self.reset_seconds = reset_seconds
+        self.slow_seconds = SLOW_FAILURE_SECONDS
         self._probe = probe
         self._lock = threading.Lock()
         self.state: State = "closed"
@@ -152,8 +160,21 @@ class Bulkhead:
         return release
 
 
+_STARTED = "myapp.breaker_started"
+
+
 def watch(engine: Engine, breaker: Breaker) -> None:
-    """Report each statement's outcome, and each failure to connect, to the breaker."""
+    """Report each statement's outcome, and each slow failure to connect or to get an
+    answer, to the breaker."""
+    connecting = threading.local()
+
+    @event.listens_for(engine, "do_connect")
+    def _connecting(*args: Any) -> None:
+        connecting.started = time.monotonic()
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _sending(connection: Any, *args: Any) -> None:
+        connection.info[_STARTED] = time.monotonic()
 
     @event.listens_for(engine, "after_cursor_execute")
     def _answered(*args: Any) -> None:
@@ -162,6 +183,13 @@ def watch(engine: Engine, breaker: Breaker) -> None:
     @event.listens_for(engine, "handle_error")
     def _failed(context: Any) -> None:
         # A lost connection (a network timeout included) or a failed connect; not a
-        # constraint, a deadlock or a statement timeout: the server answered those.
-        if context.is_disconnect or context.connection is None:
+        # constraint, a deadlock or a statement timeout: the server answered those. A
+        # failed pre-ping is followed by a connect attempt, which is what counts.
+        if context.is_pre_ping or not (context.is_disconnect or context.connection is None):
+            return
+        if context.connection is None:
+            started = getattr(connecting, "started", None)
+        else:
+            started = context.connection.info.get(_STARTED)
+        if started is not None and time.monotonic() - started >= breaker.slow_seconds:
             breaker.record_failure(context.original_exception)

@@ -4,6 +4,7 @@ without touching it; a bulkhead at its cap answers 503 instead of queueing a thr
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +33,9 @@ def refused_app(request: pytest.FixtureRequest) -> Iterator[tuple[Flask, list[fl
     attempts: list[float] = []
     for engine in (app.extensions["myapp.database"].engine, app.extensions["myapp.database"].probe_engine):
         event.listen(engine, "do_connect", lambda *args: attempts.append(time.monotonic()))
+    # A refusal answered at once does not count by default (see the slow-failure tests
+    # below); here every failure counts, to drive the breaker fast.
+    app.extensions["myapp.database"].breaker.slow_seconds = 0.0
     yield app, attempts
     app.extensions["myapp.database"].engine.dispose()
 
@@ -72,6 +76,42 @@ def test_one_probe_after_the_reset_period_then_open_again(refused_app: tuple[Fla
     assert len(attempts) == before + 1  # exactly one connect: the probe's
     assert [client.get("/").status_code for _ in range(5)] == [503] * 5
     assert len(attempts) == before + 1
+
+
+def test_refusals_answered_at_once_do_not_open_the_breaker() -> None:
+    """A restart's "connection refused" ties up no thread: each request fails fast and the
+    first one after the restart succeeds, so the breaker stays closed."""
+    app = make_app(UNREACHABLE_URLS["postgresql"], PROPAGATE_EXCEPTIONS=False)
+    client = app.test_client()
+    assert [client.get("/").status_code for _ in range(10)] == [503] * 10
+    assert app.extensions["myapp.database"].breaker.status()["state"] == "closed"
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port whose listener accepts connections and never says a word."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def test_slow_failures_open_the_breaker(silent_server: int, caplog: pytest.LogCaptureFixture) -> None:
+    app = make_app(f"mysql+pymysql://u:s3cret@127.0.0.1:{silent_server}/x", PROPAGATE_EXCEPTIONS=False,
+                   DATABASE_CONNECT_TIMEOUT=1, DATABASE_BREAKER_RESET=30)
+    client = app.test_client()
+    timed = []
+    for _ in range(THRESHOLD):
+        started = time.monotonic()
+        assert client.get("/").status_code == 503
+        timed.append(time.monotonic() - started)
+    assert min(timed) >= 0.9  # each waited out the connect timeout
+    started = time.monotonic()
+    assert client.get("/").status_code == 503
+    assert time.monotonic() - started < 0.2  # refused at once: the breaker is open
+    assert app.extensions["myapp.database"].breaker.status()["state"] == "open"
+    app.extensions["myapp.database"].engine.dispose()
 
 
 def test_negative_control_without_breaker_every_request_tries_the_database() -> None:
