@@ -308,7 +308,7 @@ def test_every_route_through_pgbouncer_hundreds_of_times(stack: Stack, tmp_path:
     resurrected = load.absent & titles
     latencies = sorted(hit.seconds for hit in load.hits)
 
-    scenario = "10 pgbouncer routes" + (" (statement timeout, SET LOCAL)" if env is SET_LOCAL
+    scenario = "12 pgbouncer routes" + (" (statement timeout, SET LOCAL)" if env is SET_LOCAL
                                         else " (read-only fast path)")
     injected = (f"PgBouncer 1.18 transaction pooling, default_pool_size={DEFAULT_POOL_SIZE}; {CLIENTS} clients, "
                 f"2 workers x 4 threads, DATABASE_PGBOUNCER=transaction")
@@ -344,9 +344,9 @@ def test_negative_control_prepared_statements_break_behind_pgbouncer(stack: Stac
     errors = load.errors()
     causes = Counter(match.group(1) for match in PREPARED_STATEMENT_ERROR.finditer(log))
     injected = "as the route load (6 rounds), without DATABASE_PGBOUNCER: psycopg prepares statements"
-    record("10 pgbouncer routes, negative control", BACKEND, injected, "errors", len(errors),
+    record("12 pgbouncer routes, negative control", BACKEND, injected, "errors", len(errors),
            "> 0 (harness detects)", bool(errors))
-    record("10 pgbouncer routes, negative control", BACKEND, injected, "prepared-statement errors logged",
+    record("12 pgbouncer routes, negative control", BACKEND, injected, "prepared-statement errors logged",
            sum(causes.values()), "> 0", bool(causes))
     assert errors, f"{len(load.hits)} requests, no error"
     assert any(hit.status == 500 for hit in errors), Counter((hit.route, hit.status) for hit in errors)
@@ -377,7 +377,7 @@ def test_statement_timeout_is_set_per_transaction_and_cancels_a_slow_query(stack
     with psycopg.connect(stack.bouncer.conninfo(str(stack.direct.database)), autocommit=True) as other:
         seen = [other.execute("SHOW statement_timeout").fetchone() for _ in range(2 * DEFAULT_POOL_SIZE)]
     assert set(seen) == {("0",)}, seen
-    record("10 pgbouncer statement timeout", BACKEND, "SELECT pg_sleep(2) with DATABASE_STATEMENT_TIMEOUT=500",
+    record("12 pgbouncer statement timeout", BACKEND, "SELECT pg_sleep(2) with DATABASE_STATEMENT_TIMEOUT=500",
            "seconds until cancelled (57014)", round(seconds, 3), "< 1.5", seconds < 1.5)
 
 
@@ -451,7 +451,7 @@ def test_restart_under_load_through_pgbouncer(stack: Stack, tmp_path: Path, faul
         ("rejected writes present", verdict.phantom, "0", verdict.phantom == 0),
         ("indeterminate writes", verdict.indeterminate, "either outcome", True),
     ]:
-        record(f"10 pgbouncer restart ({fault})", BACKEND, injected, figure, value, goal, met)
+        record(f"12 pgbouncer restart ({fault})", BACKEND, injected, figure, value, goal, met)
 
     assert verdict.server_errors == 0 and verdict.tracebacks == 0, (verdict, logged_errors(log))
     assert verdict.hangs == 0, verdict
@@ -503,7 +503,7 @@ def test_negative_control_pgbouncer_default_login_retry_keeps_it_down_after_the_
                 connected.close()
     finally:
         server.ensure_running()
-    record("10 pgbouncer server restart, negative control", BACKEND,
+    record("12 pgbouncer server restart, negative control", BACKEND,
            "PgBouncer's default server_login_retry (15 s), server stopped then started",
            f"new connections refused in the {OBSERVED:g} s after ready", sum(bool(r) for r in refusals),
            "> 0 (harness detects)", all(LOGIN_FAILING in r for r in refusals))
