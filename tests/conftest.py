@@ -40,15 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Refuse marks that cannot act (see ``mark_problems``); then leave out, rather than
     skip, the backend variants a ``backends`` mark excludes."""
-    problems: list[str] = []
-    for item in items:
-        exempt = _MARK_GUARD_EXEMPT.get(item.nodeid.split("[", 1)[0], set())
-        found = mark_problems(item)
-        problems += [f"{item.nodeid}: {problem}" for mark, problem in found if mark not in exempt]
-        problems += [
-            f"{item.nodeid}: @{mark} acts now; remove its entry from _MARK_GUARD_EXEMPT"
-            for mark in sorted(exempt - {mark for mark, _ in found})
-        ]
+    problems = [f"{item.nodeid}: {problem}" for item in items for _mark, problem in mark_problems(item)]
     if problems:
         raise pytest.UsageError("marks that cannot act here:\n  " + "\n  ".join(problems))
     kept, dropped = [], []
@@ -67,16 +59,6 @@ TESTS = Path(__file__).resolve().parent
 # Marks that select a folder's tests (``pytest -m faults``): each belongs on every test
 # of its folder and nowhere else, or a selection by mark and one by path would differ.
 _FOLDER_MARKS = {"faults": TESTS / "faults", "e2e": TESTS / "e2e"}
-
-# TODO: marks that cannot act, in files this change could not edit (the test names,
-# without their parameters, and the marks at fault). Fix each test (drop the mark, or
-# make the test use what it acts on), then remove its entry; an entry whose mark acts
-# again is reported, so none outlives its reason. Nothing else is exempt.
-_MARK_GUARD_EXEMPT: dict[str, set[str]] = {
-    "tests/test_transactions.py::test_negative_control_setting_off_reads_in_a_transaction": {"real_commits"},
-    "tests/e2e/test_browser.py::test_failing_test_leaves_a_full_page_screenshot": {"real_commits", "backends"},
-}
-
 
 def mark_problems(item: pytest.Item) -> list[tuple[str, str]]:
     """Why each mark of ``item`` cannot do what it says; empty when all of them can.

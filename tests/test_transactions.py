@@ -591,7 +591,6 @@ def test_read_only_request_reads_without_a_transaction(app: Flask, client) -> No
     assert client.post("/_test/status").text == "INTRANS"  # a POST is one transaction
 
 
-@pytest.mark.real_commits
 @pytest.mark.backends("postgresql")
 def test_negative_control_setting_off_reads_in_a_transaction(backend: Backend) -> None:
     app = make_app(backend.url, DATABASE_READ_ONLY_AUTOCOMMIT=False)
