@@ -104,10 +104,11 @@ DEFAULTS: dict[str, Any] = {
     # it is back. 0: no breaker.
     "DATABASE_BREAKER_THRESHOLD": 3,
     "DATABASE_BREAKER_RESET": 1.0,
-    # Threads of a process that may use the database at once (0: no cap); a request
-    # over the cap waits DATABASE_BULKHEAD_TIMEOUT seconds for a slot, then gets a
-    # 503. gunicorn.conf.py sets it to GUNICORN_THREADS - 1 so that a thread is always
-    # free for /healthz.
+    # Threads of a process that may use the database at once (0: no cap). A request
+    # over the cap waits for a slot (at most DATABASE_POOL_TIMEOUT), but gets a 503 at
+    # once when every holder has waited on the database DATABASE_BULKHEAD_TIMEOUT
+    # seconds or more (it is stuck). gunicorn.conf.py sets it to GUNICORN_THREADS - 1,
+    # so that a thread is always free for /healthz.
     "DATABASE_BULKHEAD": 0,
     "DATABASE_BULKHEAD_TIMEOUT": 0.5,
     # "transaction" behind PgBouncer's transaction pooling: no prepared statements,

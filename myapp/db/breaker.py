@@ -123,44 +123,87 @@ class Breaker:
         )
 
 
+class _Slot:
+    """One holder of the bulkhead: since when it waits on the database (None: it is busy
+    with something else, a template or a password hash)."""
+
+    __slots__ = ("waiting_since",)
+
+    def __init__(self) -> None:
+        self.waiting_since: float | None = time.monotonic()  # on its way: ping, connect
+
+
 class Bulkhead:
     """At most ``limit`` threads of this process use the database at once.
 
-    A request over the cap waits for a slot only while some holder is younger than
-    ``timeout``: holders that answer in milliseconds free a slot soon, but when every
-    holder has been waiting that long the database is stuck, and the request is
-    refused at once instead of taking the thread kept free for /healthz.
+    A request over the cap waits for a slot (at most ``max_wait``), unless every holder
+    has been waiting on the database for ``timeout`` or more: then the database is
+    stuck, and the request is refused at once instead of taking the thread kept free
+    for /healthz. A holder that is busy with work of its own (hashing a password,
+    rendering) is not stuck, so a burst of slow requests queues instead of failing.
+    ``watch`` keeps each holder's waiting time from the engine's events.
     """
 
-    def __init__(self, limit: int, timeout: float) -> None:
+    def __init__(self, limit: int, timeout: float, max_wait: float) -> None:
         self.limit = limit
         self.timeout = timeout
+        self.max_wait = max_wait
         self._changed = threading.Condition()
-        self._held: dict[int, float] = {}
+        self._held: dict[int, _Slot] = {}
         self._tokens = itertools.count()
+        self._mine = threading.local()
 
     def acquire(self) -> Callable[[], None]:
         """Take a slot; return the function that gives it back (once)."""
+        deadline = time.monotonic() + self.max_wait
         with self._changed:
             while len(self._held) >= self.limit:
-                remaining = max(self._held.values()) + self.timeout - time.monotonic()
-                if remaining <= 0:
+                now = time.monotonic()
+                if self._all_stuck(now) or now >= deadline:
                     raise DatabaseUnavailable(
-                        "busy", f"all {self.limit} database slots of this worker busy for over {self.timeout} s", 1
+                        "busy", f"all {self.limit} database slots of this worker stayed busy", 1
                     )
-                self._changed.wait(remaining)
+                self._changed.wait(min(0.05, deadline - now))
             token = next(self._tokens)
-            self._held[token] = time.monotonic()
+            slot = self._held[token] = self._mine.slot = _Slot()
 
         def release() -> None:
             with self._changed:
                 if self._held.pop(token, None) is not None:
                     self._changed.notify()
+            if getattr(self._mine, "slot", None) is slot:
+                self._mine.slot = None
 
         return release
 
+    def waiting(self, on_the_database: bool) -> None:
+        """Note whether this thread's holder now waits on the database."""
+        slot = getattr(self._mine, "slot", None)
+        if slot is not None:
+            slot.waiting_since = (slot.waiting_since or time.monotonic()) if on_the_database else None
+
+    def _all_stuck(self, now: float) -> bool:
+        return all(
+            slot.waiting_since is not None and now - slot.waiting_since >= self.timeout
+            for slot in self._held.values()
+        )
+
 
 _STARTED = "myapp.breaker_started"
+
+
+def watch_waits(engine: Engine, bulkhead: Bulkhead) -> None:
+    """Tell the bulkhead when its holders wait on the database and when they are back."""
+
+    def waiting(*args: Any) -> None:
+        bulkhead.waiting(True)
+
+    def answered(*args: Any) -> None:
+        bulkhead.waiting(False)
+
+    for name in ("do_connect", "before_cursor_execute", "commit", "rollback"):
+        event.listen(engine, name, waiting)
+    event.listen(engine, "after_cursor_execute", answered)
 
 
 def watch(engine: Engine, breaker: Breaker) -> None:

@@ -215,7 +215,11 @@ class Database:
             )
             breaker.watch(engine, state.breaker)
         if config["DATABASE_BULKHEAD"]:
-            state.bulkhead = Bulkhead(int(config["DATABASE_BULKHEAD"]), float(config["DATABASE_BULKHEAD_TIMEOUT"]))
+            state.bulkhead = Bulkhead(
+                int(config["DATABASE_BULKHEAD"]), float(config["DATABASE_BULKHEAD_TIMEOUT"]),
+                max_wait=float(config["DATABASE_POOL_TIMEOUT"]),
+            )
+            breaker.watch_waits(engine, state.bulkhead)
         if config["DATABASE_COMMIT_ON_SUCCESS"]:
             app.after_request(self._commit_before_response)
         if config["DATABASE_QUERY_BUDGET"] and (app.debug or app.testing):

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 
 from myapp.db import db
 from myapp.models import User
 
-from ..conftest import UNREACHABLE_URLS, make_app
+from ..conftest import UNREACHABLE_URLS, Backend, make_app
 
 THRESHOLD = 3
 
@@ -155,11 +155,14 @@ def test_a_statement_that_answers_resets_the_count(app: Flask) -> None:
 
 @pytest.fixture
 def app_config() -> dict[str, Any]:
-    return {"DATABASE_BULKHEAD": 1, "DATABASE_BULKHEAD_TIMEOUT": 0.2, "PROPAGATE_EXCEPTIONS": False}
+    return {
+        "DATABASE_BULKHEAD": 1, "DATABASE_BULKHEAD_TIMEOUT": 0.2, "DATABASE_POOL_TIMEOUT": 3,
+        "PROPAGATE_EXCEPTIONS": False,
+    }
 
 
 def _hold_the_database(app: Flask) -> tuple[threading.Event, threading.Event]:
-    """A route that keeps its database slot until told to let go."""
+    """A route that keeps its database slot, busy with work of its own, until told to let go."""
     entered, leave = threading.Event(), threading.Event()
 
     @app.get("/_test/hold")
@@ -172,29 +175,68 @@ def _hold_the_database(app: Flask) -> tuple[threading.Event, threading.Event]:
     return entered, leave
 
 
+_SLEEP = {"postgresql": "SELECT pg_sleep(1.5)", "mysql": "SELECT SLEEP(1.5)"}
+
+
 @pytest.mark.real_commits
-def test_bulkhead_at_its_cap_answers_503_and_keeps_threads_for_other_requests(app: Flask) -> None:
-    """A request waits for a slot only while a holder is younger than the timeout."""
+@pytest.mark.backends("postgresql", "mysql")
+def test_bulkhead_refuses_at_once_when_every_holder_is_stuck_on_the_database(app: Flask, backend: Backend) -> None:
+    entered = threading.Event()
+
+    @app.get("/_test/stuck")
+    def stuck() -> str:
+        db.session.scalar(select(func.count()).select_from(User))
+        entered.set()
+        db.session.execute(text(_SLEEP[backend.name]))  # waits on the database
+        return "done"
+
+    holder = threading.Thread(target=lambda: app.test_client().get("/_test/stuck"))
+    holder.start()
+    try:
+        assert entered.wait(10)
+        time.sleep(0.4)  # the holder has now waited on the database past the 0.2 s timeout
+        started = time.monotonic()
+        refused = app.test_client().get("/")
+        assert time.monotonic() - started < 0.15
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert "every database connection is in use" in refused.text
+        assert app.test_client().get("/healthz").status_code == 200
+    finally:
+        holder.join(10)
+    assert app.test_client().get("/").status_code == 200  # the slot came back
+
+
+@pytest.mark.real_commits
+def test_bulkhead_queues_behind_a_holder_busy_with_its_own_work(app: Flask) -> None:
+    """A holder rendering or hashing is not stuck: the next request waits for the slot."""
+    entered, leave = _hold_the_database(app)
+    holder = threading.Thread(target=lambda: app.test_client().get("/_test/hold"))
+    holder.start()
+    try:
+        assert entered.wait(10)
+        threading.Timer(0.6, leave.set).start()  # the holder finishes its own work
+        started = time.monotonic()
+        served = app.test_client().get("/")
+        assert served.status_code == 200
+        assert 0.5 <= time.monotonic() - started < 3  # it waited for the slot
+    finally:
+        leave.set()
+        holder.join(10)
+
+
+@pytest.mark.real_commits
+def test_bulkhead_gives_up_after_the_pool_timeout(app: Flask) -> None:
     entered, leave = _hold_the_database(app)
     holder = threading.Thread(target=lambda: app.test_client().get("/_test/hold"))
     holder.start()
     try:
         assert entered.wait(10)
         started = time.monotonic()
-        refused = app.test_client().get("/")
-        waited = time.monotonic() - started
-        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
-        assert "every database connection is in use" in refused.text
-        assert waited < 0.5  # at most until the holder had held its slot 0.2 s
-        assert app.test_client().get("/healthz").status_code == 200
-        time.sleep(0.3)  # now the holder looks stuck: the next request is refused at once
-        started = time.monotonic()
         assert app.test_client().get("/").status_code == 503
-        assert time.monotonic() - started < 0.1
+        assert 2.9 <= time.monotonic() - started < 4  # DATABASE_POOL_TIMEOUT
     finally:
         leave.set()
         holder.join(10)
-    assert app.test_client().get("/").status_code == 200  # the slot came back
 
 
 @pytest.mark.real_commits
