@@ -189,7 +189,6 @@ class Bulkhead:
         )
 
 
-_STARTED = "myapp.breaker_started"
 
 
 def watch_waits(engine: Engine, bulkhead: Bulkhead) -> None:
@@ -209,15 +208,14 @@ def watch_waits(engine: Engine, bulkhead: Bulkhead) -> None:
 def watch(engine: Engine, breaker: Breaker) -> None:
     """Report each statement's outcome, and each slow failure to connect or to get an
     answer, to the breaker."""
-    connecting = threading.local()
+    # When this thread began its current wait: a connect attempt or a statement.
+    began = threading.local()
 
-    @event.listens_for(engine, "do_connect")
-    def _connecting(*args: Any) -> None:
-        connecting.started = time.monotonic()
+    def _waiting(*args: Any) -> None:
+        began.at = time.monotonic()
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def _sending(connection: Any, *args: Any) -> None:
-        connection.info[_STARTED] = time.monotonic()
+    event.listen(engine, "do_connect", _waiting)
+    event.listen(engine, "before_cursor_execute", _waiting)
 
     @event.listens_for(engine, "after_cursor_execute")
     def _answered(*args: Any) -> None:
@@ -230,9 +228,6 @@ def watch(engine: Engine, breaker: Breaker) -> None:
         # failed pre-ping is followed by a connect attempt, which is what counts.
         if context.is_pre_ping or not (context.is_disconnect or context.connection is None):
             return
-        if context.connection is None:
-            started = getattr(connecting, "started", None)
-        else:
-            started = context.connection.info.get(_STARTED)
+        started = getattr(began, "at", None)
         if started is not None and time.monotonic() - started >= breaker.slow_seconds:
             breaker.record_failure(context.original_exception)

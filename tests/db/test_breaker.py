@@ -114,6 +114,23 @@ def test_slow_failures_open_the_breaker(silent_server: int, caplog: pytest.LogCa
     app.extensions["myapp.database"].engine.dispose()
 
 
+@pytest.mark.backends("mysql")
+def test_statements_that_time_out_open_the_breaker(backend: Backend) -> None:
+    """A statement that waits past the network timeout (PyMySQL's read timeout) counts."""
+    app = make_app(backend.url, DATABASE_NETWORK_TIMEOUT=1, PROPAGATE_EXCEPTIONS=False)
+
+    @app.get("/_test/sleep")
+    def sleep() -> str:
+        db.session.execute(text("SELECT SLEEP(3)"))
+        return "unreachable"
+
+    client = app.test_client()
+    assert [client.get("/_test/sleep").status_code for _ in range(THRESHOLD)] == [503] * THRESHOLD
+    status = app.extensions["myapp.database"].breaker.status()
+    assert status["state"] == "open" and "2013" in status["last_error"]
+    app.extensions["myapp.database"].engine.dispose()
+
+
 def test_negative_control_without_breaker_every_request_tries_the_database() -> None:
     app = make_app(UNREACHABLE_URLS["postgresql"], PROPAGATE_EXCEPTIONS=False, DATABASE_BREAKER_THRESHOLD=0)
     attempts: list[float] = []
