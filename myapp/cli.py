@@ -125,10 +125,10 @@ def db_status() -> None:
     click.echo(f"{'backend':<9}{engine.dialect.name} ({engine.driver})")
     click.echo(f"{'url':<9}{mask_url(engine.url)}")
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    breaker = db.breaker_status()  # before this command's own statements succeed and close it
     latency = db.ping()
     current = _current_revision()
     pool = engine.pool
-    breaker = db.breaker_status()
     rows = [
         ("revision", f"{current or '(empty)'} (head: {head}{', up to date' if current == head else ', run flask db upgrade'})"),
         ("pool", pool.status() if hasattr(pool, "status") else type(pool).__name__),
