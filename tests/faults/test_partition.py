@@ -26,7 +26,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from sqlalchemy import event, text
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError
+
+from myapp.db import engines
+from tests.conftest import make_app
 
 from tests.topology import NamespacedMariaDB, PgNode
 from tests.topology.fixtures import (  # noqa: F401 (fixtures)
@@ -229,3 +234,36 @@ def test_negative_controls(netns_postgres: PgNode, tmp_path: Path, control: str,
         record(scenario, "postgresql", control, "slowest /healthz during the partition (s)", slowest_probe,
                ">= 1 (threads pile up)", slowest_probe >= 1)
         assert slowest_probe >= 1, slowest_probe
+
+
+@pytest.mark.parametrize("window", ["real", "control"])
+def test_a_connection_idle_past_the_window_is_pinged_not_handed_out(
+    netns_postgres: PgNode, monkeypatch: pytest.MonkeyPatch, window: str
+) -> None:
+    """The free pre-ping applies only to a connection checked in moments ago: after a
+    silent partition a pooled connection idle for longer gets a real ping, which fails,
+    and the view is never given it (the request fails connecting instead). Control: with
+    the shortcut applied whatever the age, the dead connection reaches the statement."""
+    if window == "control":
+        monkeypatch.setattr(engines, "QUIET_PING_WINDOW", 1e9)
+    with netns_postgres.database() as url:
+        app = make_app(url, DATABASE_NETWORK_TIMEOUT=2, DATABASE_CONNECT_TIMEOUT=2, DATABASE_BREAKER_THRESHOLD=0)
+        engine = app.extensions["myapp.database"].engine
+        errors: list[str] = []
+        event.listen(engine, "handle_error", lambda context: errors.append(
+            "pre-ping" if context.is_pre_ping else "connect" if context.connection is None else "statement"))
+        with engine.connect() as connection:  # one pooled connection, then quiet
+            connection.execute(text("SELECT 1"))
+        netns_postgres.partition()
+        try:
+            time.sleep(engines.QUIET_PING_WINDOW + 0.5 if window == "real" else 1.5)
+            with pytest.raises(OperationalError):
+                with engine.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+        finally:
+            netns_postgres.heal()
+            engine.dispose()
+    if window == "real":
+        assert errors[0] == "pre-ping" and "statement" not in errors, errors
+    else:
+        assert errors == ["statement"], errors
