@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from ..config import parse_max_lag
 from .engines import make_check_engine, make_engine
@@ -222,13 +222,17 @@ class ReplicaSet:
             self._checking.release()
 
     def _check_replica(self, replica: Replica) -> None:
-        try:
-            with replica.check_engine.connect() as connection:
-                in_recovery, replay_lsn = connection.execute(_CHECK_SQL).one()
-        except SQLAlchemyError as error:
-            replica.checked_at = time.monotonic()
-            self._set_state(replica, "down", describe_error(error))
-            return
+        for attempt in (1, 2):
+            try:
+                with replica.check_engine.connect() as connection:
+                    in_recovery, replay_lsn = connection.execute(_CHECK_SQL).one()
+                break
+            except SQLAlchemyError as error:
+                if attempt == 1 and isinstance(error, DBAPIError) and error.connection_invalidated:
+                    continue  # the kept connection died (a restart since the last check): reconnect once
+                replica.checked_at = time.monotonic()
+                self._set_state(replica, "down", describe_error(error))
+                return
         now = replica.checked_at = time.monotonic()
         if not in_recovery or replay_lsn is None:
             self._set_state(replica, "down", "not a standby (promoted, or not replicating)")
@@ -272,6 +276,14 @@ class ReplicaSet:
 
     def status(self) -> list[dict[str, Any]]:
         return [replica.status() for replica in self.replicas]
+
+    def dispose(self) -> None:
+        """Close every connection of the set, once a check under way has finished."""
+        with self._checking:
+            self._next_check = float("inf")  # no check starts after this
+            for engine in [self.primary_check_engine, *(r.engine for r in self.replicas),
+                           *(r.check_engine for r in self.replicas)]:
+                engine.dispose()
 
     def _after_fork(self) -> None:
         # A check thread of the parent does not exist here: its lock must not stay held.

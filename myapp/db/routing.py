@@ -48,7 +48,7 @@ from sqlalchemy import Connection, Engine, Result, event
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, SessionTransactionOrigin, sessionmaker
 
-from .errors import describe_error, unavailable_reason
+from .errors import describe_error
 
 if TYPE_CHECKING:
     from .replicas import Replica, ReplicaSet
@@ -298,7 +298,7 @@ def _replica_for(session: Session, reads: ReplicaReads) -> Replica | None:
             reads.replica = reads.replicas.choose(reads.required_lsn, lambda replica: _ask_replay_lsn(session, replica))
         except DBAPIError as error:
             reads.replica = None
-            if unavailable_reason(error) == "unreachable":
+            if _unreachable(error):
                 _mark_down(reads, error)
             else:
                 raise
@@ -314,6 +314,12 @@ def _mark_down(reads: ReplicaReads, error: BaseException) -> None:
     if reads.replica is not None:
         reads.replicas.mark_down(reads.replica, describe_error(error))
     reads.replica = None
+
+
+def _unreachable(error: DBAPIError) -> bool:
+    """The replica could not be reached: the connect failed (no statement was sent) or
+    the connection died under a statement. Not a statement timeout, not a conflict."""
+    return error.connection_invalidated or error.statement is None
 
 
 def _recovery_conflict(error: DBAPIError) -> bool:
@@ -350,7 +356,7 @@ def install_replica_routing(maker: sessionmaker[Any]) -> None:
             elif getattr(error.orig, "sqlstate", None) == "25006":  # it writes after all: a function, say
                 require_transaction(session)
                 session.info[_WROTE] = True
-            elif unavailable_reason(error) == "unreachable":
+            elif _unreachable(error):
                 log.warning("%s failed a read (%s); read again from the primary", replica.name, describe_error(error))
                 _mark_down(reads, error)
             else:
