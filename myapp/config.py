@@ -247,8 +247,9 @@ def _check_pgbouncer(app: Flask) -> None:
 
 
 _LAG_UNITS = {
-    "ms": ("seconds", 0.001), "s": ("seconds", 1.0), "min": ("seconds", 60.0),
+    "ms": ("seconds", 0.001), "s": ("seconds", 1.0), "min": ("seconds", 60.0), "h": ("seconds", 3600.0),
     "b": ("bytes", 1), "kb": ("bytes", 1024), "mb": ("bytes", 1024**2), "gb": ("bytes", 1024**3),
+    "tb": ("bytes", 1024**4),
 }
 _LAG_PART = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
 
