@@ -214,8 +214,11 @@ class Database:
             raise ConfigError(f"DATABASE_REPLICA_URLS is invalid: {error}") from None
         if _reads_in_autocommit(config, engine):
             routing.install_autocommit_reads(engine)
+        # Statements sent to a replica are timed and counted like the primary's.
+        serving = [engine, *(replica.engine for replica in replicas.replicas)] if replicas else [engine]
         if config.get("DATABASE_SLOW_QUERY_MS"):
-            instrumentation.log_slow_queries(engine, float(config["DATABASE_SLOW_QUERY_MS"]))
+            for each in serving:
+                instrumentation.log_slow_queries(each, float(config["DATABASE_SLOW_QUERY_MS"]))
         app.extensions[EXTENSION_KEY] = state = AppState(
             engine=engine,
             probe_engine=probe_engine,
@@ -240,7 +243,7 @@ class Database:
         if config["DATABASE_COMMIT_ON_SUCCESS"]:
             app.after_request(self._commit_before_response)
         if config["DATABASE_QUERY_BUDGET"] and (app.debug or app.testing):
-            instrumentation.watch_query_budget(app, engine, int(config["DATABASE_QUERY_BUDGET"]))
+            instrumentation.watch_query_budget(app, serving, int(config["DATABASE_QUERY_BUDGET"]))
         app.teardown_appcontext(self._remove_session)
         app.shell_context_processor(lambda: {"db": self, "select": select})
         register_process_hooks()

@@ -543,6 +543,13 @@ def test_readyz_and_db_status_list_each_replica(topology: ReplicatedPostgres, da
         assert f"replica  1 {replica['url']} healthy, lag " in output.output
 
 
+def test_statements_sent_to_a_replica_count_for_the_query_budget(topology: ReplicatedPostgres, database: URL) -> None:
+    with replica_app(topology, database, DEBUG=True) as app:
+        response = app.test_client().get("/_test/where")
+    assert response.headers["X-Read-From"] == "replica 1"
+    assert response.headers["X-Query-Count"] == "2"
+
+
 def test_the_lag_limit_takes_a_paused_replica_out_and_brings_it_back(
     topology: ReplicatedPostgres, database: URL
 ) -> None:
