@@ -180,17 +180,15 @@ class ReplicaSet:
 
         Never true because *one* replica caught up (GitLab's bug #413203).
         """
-        for replica in self.replicas:
-            if replica.state == "healthy" and replica.replay_lsn >= lsn:
-                continue
-            if replica.state != "healthy" and age_seconds > self.settle_seconds:
-                continue
-            return False
-        return True
+        if age_seconds > self.settle_seconds:
+            return True
+        return all(replica.state == "healthy" and replica.replay_lsn >= lsn for replica in self.replicas)
 
     @property
     def settle_seconds(self) -> float:
-        """How old a write must be for every replica that counts as healthy to have it."""
+        """How old a write must be for every replica that counts as healthy (now, or when
+        it rejoins) to have it: the time limit plus up to two checks' sampling. With a
+        size limit alone nothing bounds a replica's time lag; 60 s is assumed then."""
         return (self.max_lag_seconds if self.max_lag_seconds is not None else 60.0) + 2 * self.interval
 
     def mark_down(self, replica: Replica, why: str) -> None:

@@ -585,6 +585,30 @@ def test_an_idle_primary_adds_no_time_lag(topology: ReplicatedPostgres, database
         assert replay_age is None or float(replay_age) > 0.3
 
 
+def _fake_set(*replicas: tuple[str, int]) -> ReplicaSet:
+    """A replica set without servers, for the decisions that need none."""
+    from myapp.db.replicas import Replica
+
+    members = [Replica(number, f"replica{number}", None, None, state, replay_lsn=lsn)  # type: ignore[arg-type]
+               for number, (state, lsn) in enumerate(replicas, start=1)]
+    return ReplicaSet(members, None, 1.0, 10.0, None)  # type: ignore[arg-type]
+
+
+def test_a_position_is_dropped_only_when_no_replica_can_miss_it() -> None:
+    both = _fake_set(("healthy", 100), ("healthy", 100))
+    assert both.replayed_everywhere(100, age_seconds=0.1)
+    one = _fake_set(("healthy", 100), ("healthy", 99))
+    assert not one.replayed_everywhere(100, age_seconds=0.1)  # GitLab #413203
+    out = _fake_set(("healthy", 100), ("down", 0))
+    assert not out.replayed_everywhere(100, age_seconds=5)  # it may rejoin within the limit
+    # Older than the lag limit plus two checks: any replica that is (or becomes) healthy has it.
+    assert out.replayed_everywhere(100, age_seconds=12.5) and one.replayed_everywhere(100, age_seconds=12.5)
+    # A commit whose position could not be read keeps its user on the primary until then.
+    assert not both.replayed_everywhere(sticking.UNKNOWN_POSITION, age_seconds=11)
+    assert both.replayed_everywhere(sticking.UNKNOWN_POSITION, age_seconds=12.5)
+    assert both.choose(sticking.UNKNOWN_POSITION, lambda replica: 100) is None
+
+
 @pytest.mark.parametrize(
     ("value", "limits"),
     [("10s, 16MB", (10.0, 16 * 1024**2)), ("500ms", (0.5, None)), ("1GB", (None, 1024**3)), ("2min,1kB", (120.0, 1024))],
