@@ -464,10 +464,12 @@ def _on_primary(database: URL, *statements: str) -> None:
         engine.dispose()
 
 
-def _conflicting_read(app: Flask, database: URL) -> tuple[int, str]:
+def _conflicting_read(app: Flask, database: URL, standby: PgNode) -> tuple[int, str]:
     """A long read on the standby while the primary takes a lock the standby must replay:
     the standby cancels the read after max_standby_streaming_delay."""
     results: dict[str, Any] = {}
+    reading = ("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+               "AND query LIKE '%FROM conflicted, pg_sleep%' AND pid <> pg_backend_pid()")
 
     @app.get("/_test/long-read")
     def long_read() -> dict[str, Any]:
@@ -480,7 +482,7 @@ def _conflicting_read(app: Flask, database: URL) -> tuple[int, str]:
 
     reader = threading.Thread(target=read)
     reader.start()
-    time.sleep(0.7)
+    wait_until(lambda: standby.query(reading)[0][0] == 1, 10, "the long read to start on the standby")
     _on_primary(database, "ALTER TABLE conflicted ADD COLUMN later int")  # an AccessExclusiveLock to replay
     reader.join(20)
     return results["status"], results["served"]
@@ -492,7 +494,7 @@ def test_a_read_cancelled_by_a_recovery_conflict_is_retried_on_the_primary(
     _prepare_conflict(topology, database)
     with replica_app(topology, database) as app:
         caplog.set_level(logging.INFO, "myapp.db.replicas")
-        status, served = _conflicting_read(app, database)
+        status, served = _conflicting_read(app, database, topology.standbys[0])
         assert status == 200 and served == "primary", (status, served)
         assert "conflict with recovery" in caplog.text
         assert replicas_of(app).replicas[0].state == "healthy"  # a conflict is not an outage
@@ -504,7 +506,7 @@ def test_negative_control_without_the_retry_the_conflict_fails_the_request(
     _prepare_conflict(topology, database)
     monkeypatch.setattr(routing, "_recovery_conflict", lambda error: False)
     with replica_app(topology, database) as app:
-        status, _ = _conflicting_read(app, database)
+        status, _ = _conflicting_read(app, database, topology.standbys[0])
     assert status == 503  # the error page: the read failed
 
 
