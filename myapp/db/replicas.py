@@ -34,7 +34,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from ..config import parse_max_lag
-from .engines import make_check_engine, make_engine
+from .engines import CHECK_STATEMENT_TIMEOUT_MS, make_check_engine, make_engine
 from .errors import describe_error, mask_url
 from .routing import replica_engine
 
@@ -221,13 +221,17 @@ class ReplicaSet:
 
     def _check_replica(self, replica: Replica) -> None:
         for attempt in (1, 2):
+            started = time.monotonic()
             try:
                 with replica.check_engine.connect() as connection:
                     in_recovery, replay_lsn = connection.execute(_CHECK_SQL).one()
                 break
             except SQLAlchemyError as error:
-                if attempt == 1 and isinstance(error, DBAPIError) and error.connection_invalidated:
-                    continue  # the kept connection died (a restart since the last check): reconnect once
+                # A kept connection that failed at once died with a restart since the last
+                # check: reconnect once. One that timed out met a silent server: out now.
+                died_at_once = time.monotonic() - started < CHECK_STATEMENT_TIMEOUT_MS / 1000
+                if attempt == 1 and died_at_once and isinstance(error, DBAPIError) and error.connection_invalidated:
+                    continue
                 replica.checked_at = time.monotonic()
                 self._set_state(replica, "down", describe_error(error))
                 return

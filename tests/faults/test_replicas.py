@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -33,14 +34,18 @@ from sqlalchemy import create_engine, insert
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
+from myapp.db import replicas as replicas_module
 from myapp.models import Post, User
-from tests.db.test_replicas import replica_urls
-from tests.topology import ReplicatedPostgres
-from tests.topology.fixtures import replicated, replicated_session  # noqa: F401 (fixtures)
+from tests.db.test_replicas import replica_app, replica_urls, replicas_of, wait_until
+from tests.topology import ReplicatedPostgres, replicated_postgres
+from tests.topology.fixtures import (  # noqa: F401 (fixtures)
+    replicated, replicated_session, require_namespaces, require_postgres,
+)
 
 from .conftest import escaped_errors, logged_in_browser, new_client
 from .figures import record
 from .servers import gunicorn
+from .test_topology_smoke import Pending
 
 pytestmark = [pytest.mark.faults, pytest.mark.gunicorn]
 
@@ -276,3 +281,60 @@ def test_a_stopped_replica_fails_no_request_and_rejoins(
     assert failed == 0 and escaped_errors(log) == 0, [read for read in load.failed_reads()][:5]
     assert rejoined_after <= INTERVAL + 1, f"rejoined {rejoined_after:.2f} s after the start"
     assert _log_checks(log)[0] >= 1 and _log_checks(log)[1] >= 1, log[-3000:]
+
+
+# -- a replica that stops answering without a word -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def silent_topology() -> Iterator[ReplicatedPostgres]:
+    """A primary on the host and a standby in a network namespace of its own."""
+    require_postgres()
+    require_namespaces()
+    with replicated_postgres(standbys=1, netns_nodes={1}) as topology:
+        yield topology
+
+
+@pytest.mark.parametrize("deadlines", [True, False], ids=["deadlines", "control-no-deadlines"])
+def test_a_silent_replica_is_taken_out_within_the_check_deadline(
+    silent_topology: ReplicatedPostgres, deadlines: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standby = silent_topology.standbys[0]
+    if not deadlines:
+        def without_deadlines(config: Any, url: Any, label: str) -> Any:
+            return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=1, max_overflow=0)
+
+        monkeypatch.setattr(replicas_module, "make_check_engine", without_deadlines)
+    with silent_topology.primary.database() as database:
+        silent_topology.wait_for_replay(standby)
+        with replica_app(silent_topology, database, DATABASE_NETWORK_TIMEOUT=2) as app:
+            replicas = replicas_of(app)
+            client = app.test_client()
+            assert client.get("/_test/where").headers["X-Read-From"] == "replica 1"
+            standby.partition()
+            try:
+                check = Pending(replicas.check)
+                finished = check.done(6)
+                scenario = "14 replicas: standby cut off silently (network namespace link down)"
+                if not deadlines:
+                    record(scenario, "postgresql", "partition (control: checks without deadlines)",
+                           "check finished within 6 s", float(finished), "0 (control)", not finished)
+                    assert not finished, "a check without deadlines returned from a silent replica"
+                    return
+                assert finished and check.error is None, check.error
+                assert check.seconds is not None
+                record(scenario, "postgresql", "partition", "seconds until the replica is out", round(check.seconds, 2),
+                       "<= 2 (the kept connection's 1 s tcp_user_timeout, and a margin)", check.seconds <= 2)
+                assert replicas.replicas[0].state == "down"
+                assert check.seconds <= 2
+                started = time.monotonic()
+                answers = [client.get("/_test/where") for _ in range(10)]
+                assert [answer.headers["X-Read-From"] for answer in answers] == ["primary"] * 10
+                assert time.monotonic() - started < 2
+            finally:
+                standby.heal()
+                if not deadlines:
+                    check.done(60)
+            if deadlines:
+                wait_until(lambda: (replicas.check(), replicas.replicas[0].state)[1] == "healthy", 10,
+                           "the replica to rejoin after the heal", 0.2)
