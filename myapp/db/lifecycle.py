@@ -51,7 +51,7 @@ from .base import Base
 from .breaker import Breaker, Bulkhead
 from .engines import make_engine, register_process_hooks
 from .errors import describe_error, mask_url
-from .replicas import PRIMARY_LSN_SQL, ReplicaSet
+from .replicas import ReplicaSet
 from .session import AppSession
 from .tracking import LostWriteError, describe_uncommitted, has_writes
 
@@ -349,34 +349,13 @@ class Database:
         return response
 
     def _keep_reads_consistent(self, response: Response) -> Response:
-        """With replicas: after a commit that wrote, keep the primary's WAL position in the
-        user's cookie; after a read, drop one every replica has replayed. Say where the
-        reads went when asked to (X-Read-From)."""
+        """With replicas: keep this request's commit's WAL position in the user's cookie,
+        or drop one every replica has replayed; say where the reads went (``sticking``)."""
         state = self._state()
         session = self.session() if self.session.registry.has() else None
-        if session is not None and tracking.committed_writes(session):
-            sticking.remember(self._primary_wal_position(state, session))
-        elif request.method in READ_ONLY_METHODS:
-            sticking.forget_if_replayed(cast(ReplicaSet, state.replicas))
-        if state.read_from_header:
-            reads = routing.reads_of(session) if session is not None else None
-            served = reads.served if reads is not None else ["primary"] if session is not None else []
-            response.headers["X-Read-From"] = ", ".join(served) or "none"
+        sticking.after_request(response, session, cast(ReplicaSet, state.replicas), state.engine,
+                               reading=request.method in READ_ONLY_METHODS, header=state.read_from_header)
         return response
-
-    @staticmethod
-    def _primary_wal_position(state: AppState, session: AppSession) -> int | None:
-        """The primary's WAL insert position now, after the commit (one round trip, on the
-        session's primary connection if it holds one); None if the primary cannot say."""
-        try:
-            if session.in_transaction():
-                return int(session.connection().exec_driver_sql(PRIMARY_LSN_SQL).scalar_one())
-            with state.engine.connect() as connection:
-                connection = connection.execution_options(isolation_level="AUTOCOMMIT")
-                return int(connection.exec_driver_sql(PRIMARY_LSN_SQL).scalar_one())
-        except SQLAlchemyError as error:
-            log.warning("could not read the primary's WAL position after a commit: %s", describe_error(error))
-            return None
 
     def rollback(self) -> None:
         """Roll back the current context's session, if it has one (error pages use it)."""
