@@ -198,7 +198,12 @@ class ReplicaSet:
     # -- checks -------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Check the primary's WAL position and every replica now, in this thread."""
+        """Check the primary's WAL position and every replica now, in this thread (after
+        a check under way in the background: they share one connection per server)."""
+        with self._checking:
+            self._check_now()
+
+    def _check_now(self) -> None:
         now = time.monotonic()
         try:
             with self.primary_check_engine.connect() as connection:
@@ -213,7 +218,7 @@ class ReplicaSet:
 
     def _check_and_release(self) -> None:
         try:
-            self.check()
+            self._check_now()
         except Exception:  # a bug in a check must not kill the process, nor stop later checks
             log.exception("replica check failed")
         finally:
