@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test lint migrate clean bench reliability
+.PHONY: run test lint migrate clean bench bench-replicas reliability
 
 # Reinstall when the dependency list changes.
 $(STAMP): setup.cfg pyproject.toml
@@ -36,6 +36,14 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || true
 	$(BIN)/python -m bench.run
+	if [ "$(BENCH_REPLICAS)" = 1 ]; then $(BIN)/python -m bench.replicas; fi
+
+# Read replicas (bench/replicas.py): starts its own primary and two standbys (needs the
+# PostgreSQL server binaries), adds its section to docs/performance.md. Also run by
+# `make bench BENCH_REPLICAS=1`.
+bench-replicas: $(BENCH_STAMP)
+	command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || true
+	$(BIN)/python -m bench.replicas
 
 # The fault suite (pytest -m faults, scripts/reliability_report.py): writes
 # docs/reliability.md and docs/reliability.png. Needs the PostgreSQL and MariaDB test

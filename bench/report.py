@@ -17,6 +17,7 @@ DOC = ROOT / "docs" / "performance.md"
 CHART = ROOT / "docs" / "performance.png"
 NOTES = ROOT / "bench" / "notes.md"
 RESULTS = ROOT / "bench" / "results" / "latest.json"
+REPLICA_RESULTS = ROOT / "bench" / "results" / "replicas.json"  # bench/replicas.py
 
 APPS = (
     "myapp", "flask-sqlalchemy", "flask-docs", "psycopg", "bare-flask",
@@ -164,6 +165,47 @@ def chart(results: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def replica_section(replicas: dict[str, Any]) -> list[str]:
+    """The read replicas' figures (``bench/replicas.py``, a run of its own)."""
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for cell in replicas["served"]:
+        grouped[cell["app"]].append(cell)
+    by_repeat = {(cell["app"], cell["repeat"]): cell["rps"] for cell in replicas["served"]}
+    lines = [
+        "",
+        "## Read replicas (PostgreSQL, a primary and two streaming standbys on this machine)",
+        "",
+        f"`{replicas['command']}` ({replicas['date']}, {replicas['total_seconds']} s; `bench/replicas.py`): "
+        f"`GET /posts/<id>` served by gunicorn (2 workers x 4 threads) with 0, 1 and 2 replicas, "
+        f"{replicas['load_generator']}, {replicas['seconds']:g} s cells, {replicas['repeats']} interleaved repeats. "
+        "Every server shares the same 2 cores, so a replica adds no capacity here: read the ratios as the "
+        "cost of routing, not as the gain a second host would bring.",
+        "",
+        "| replicas | req/s (median) | p50 ms | p99 ms | errors | / 0 replicas (median of per-repeat ratios) |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for app, cells in grouped.items():
+        ratios = [by_repeat[app, cell["repeat"]] / by_repeat["0 replicas", cell["repeat"]]
+                  for cell in cells if by_repeat.get(("0 replicas", cell["repeat"]))]
+        lines.append(
+            f"| {app} | {statistics.median(c['rps'] for c in cells):.0f} | "
+            f"{statistics.median(c['p50_ms'] for c in cells):.2f} | {statistics.median(c['p99_ms'] for c in cells):.2f} | "
+            f"{sum(c['errors'] for c in cells)} | {_fmt(statistics.median(ratios) if ratios else None)} |"
+        )
+    lines += [
+        "",
+        "What read-your-writes costs per request, in process (`GET /posts/<id>` through the test client, "
+        "batches of 100 interleaved in random order, median of 30):",
+        "",
+        "| case | µs/request | statements per request, by server |",
+        "|---|--:|---|",
+    ]
+    for row in replicas["check_cost"]:
+        statements = ", ".join(f"{server}: {count:g}" for server, count in row["statements_per_request"].items())
+        lines.append(f"| {row['case']} | {row['us_per_request']} | {statements} |")
+    return lines
+
+
 def write(results: dict[str, Any]) -> None:
     settings, machine = results["settings"], results["machine"]
     lines = [
@@ -264,6 +306,8 @@ def write(results: dict[str, Any]) -> None:
         if any(c["backend"] == backend for c in results["cells"]):
             lines += ["", f"## {title}: myapp alone", ""]
             lines += [line for line in table(results, backend, ("myapp",))]
+    if REPLICA_RESULTS.exists():
+        lines += replica_section(json.loads(REPLICA_RESULTS.read_text()))
     for note in results.get("notes", []):
         lines += ["", f"Note: {note}"]
     if NOTES.exists():

@@ -137,6 +137,15 @@ def db_status() -> None:
     ]
     for label, value in rows:
         click.echo(f"{label:<9}{value}")
+    for replica in db.replica_status(check=True) or []:
+        click.echo(f"{'replica':<9}{_describe_replica(replica)}")
+
+
+def _describe_replica(status: dict[str, Any]) -> str:
+    line = f"{status['replica']} {status['url']} {status['state']}"
+    if status["lag_bytes"] is not None:
+        line += f", lag {status['lag_bytes']} bytes / {status['lag_seconds']:.1f} s, replayed {status['replay_lsn']}"
+    return line + (f" ({status['reason']})" if status["reason"] else "")
 
 
 def _describe_breaker(status: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -56,6 +57,10 @@ ENVIRONMENT_SETTINGS: dict[str, Callable[[str], Any]] = {
     "DATABASE_BULKHEAD": int,
     "DATABASE_BULKHEAD_TIMEOUT": float,
     "DATABASE_PGBOUNCER": str,
+    "DATABASE_REPLICA_URLS": str,
+    "DATABASE_REPLICA_CHECK_INTERVAL": float,
+    "DATABASE_REPLICA_MAX_LAG": str,
+    "DATABASE_READ_FROM_HEADER": _as_bool,
     "SQLITE_BUSY_TIMEOUT": float,
     "POSTS_PER_PAGE": int,
     "SESSION_COOKIE_SECURE": _as_bool,
@@ -114,6 +119,17 @@ DEFAULTS: dict[str, Any] = {
     # "transaction" behind PgBouncer's transaction pooling: no prepared statements,
     # the statement timeout set per transaction (SET LOCAL). "" (direct) otherwise.
     "DATABASE_PGBOUNCER": "",
+    # PostgreSQL streaming replicas for the reads of GET/HEAD/OPTIONS requests: URLs
+    # separated by commas or spaces (a list in instance/config.py); empty: none.
+    "DATABASE_REPLICA_URLS": "",
+    # Seconds between two health checks of the replicas, per process (jittered).
+    "DATABASE_REPLICA_CHECK_INTERVAL": 1.0,
+    # A replica further behind than this leaves the rotation until it catches up: a
+    # time, a size, or both ("10s, 16MB"); time is counted from when the primary first
+    # had WAL the replica still has not replayed, so an idle primary adds none.
+    "DATABASE_REPLICA_MAX_LAG": "10s, 16MB",
+    # An X-Read-From header (replica <n> / primary) on every response; always on in debug.
+    "DATABASE_READ_FROM_HEADER": False,
     "SQLITE_BUSY_TIMEOUT": 5.0,
     "POSTS_PER_PAGE": 20,
     # Alembic's folder; None: the one installed with the package (packaged_migrations_dir).
@@ -152,6 +168,7 @@ def load_config(app: Flask, test_config: Mapping[str, Any] | None) -> None:
     _check_secret_key(app)
     _check_rate_limits(app)
     _check_pgbouncer(app)
+    _check_replicas(app)
 
 
 def check_settings() -> None:
@@ -228,3 +245,49 @@ def _check_pgbouncer(app: Flask) -> None:
             f"DATABASE_PGBOUNCER is invalid: {mode!r}; use \"transaction\" behind PgBouncer's "
             "transaction pooling, or leave it empty."
         )
+
+
+_LAG_UNITS = {
+    "ms": ("seconds", 0.001), "s": ("seconds", 1.0), "min": ("seconds", 60.0), "h": ("seconds", 3600.0),
+    "b": ("bytes", 1), "kb": ("bytes", 1024), "mb": ("bytes", 1024**2), "gb": ("bytes", 1024**3),
+    "tb": ("bytes", 1024**4),
+}
+_LAG_PART = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
+
+
+def parse_max_lag(value: str) -> tuple[float | None, int | None]:
+    """``"10s, 16MB"`` -> (10.0, 16777216): the time and size limits, either may be None."""
+    limits: dict[str, float] = {}
+    for part in str(value).split(","):
+        match = _LAG_PART.match(part)
+        unit = _LAG_UNITS.get(match.group(2).lower()) if match else None
+        if match is None or unit is None or unit[0] in limits:
+            raise ValueError(f"{value!r}: write a time, a size or both, like \"10s, 16MB\"")
+        limits[unit[0]] = float(match.group(1)) * unit[1]
+    size = limits.get("bytes")
+    return limits.get("seconds"), int(size) if size is not None else None
+
+
+def replica_urls(value: Any) -> list[str]:
+    """DATABASE_REPLICA_URLS as a list: a list as it is, a string split on commas and spaces."""
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [url for url in re.split(r"[\s,]+", value) if url]
+    return [str(url) for url in value]
+
+
+def _check_replicas(app: Flask) -> None:
+    urls = replica_urls(app.config["DATABASE_REPLICA_URLS"])
+    try:
+        parse_max_lag(app.config["DATABASE_REPLICA_MAX_LAG"])
+    except ValueError as error:
+        raise ConfigError(f"DATABASE_REPLICA_MAX_LAG is invalid: {error}") from None
+    if float(app.config["DATABASE_REPLICA_CHECK_INTERVAL"]) <= 0:
+        raise ConfigError("DATABASE_REPLICA_CHECK_INTERVAL must be a positive number of seconds.")
+    for url in [app.config["DATABASE_URL"], *urls] if urls else []:
+        if not str(url).startswith("postgresql"):
+            raise ConfigError(
+                "DATABASE_REPLICA_URLS needs PostgreSQL for the primary and every replica (read-your-writes "
+                f"compares WAL positions); got {str(url).split(':', 1)[0]!r}."
+            )

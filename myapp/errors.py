@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 from .db import db
 from .db.breaker import DatabaseUnavailable
 from .db.errors import describe_error, unavailable_reason
+from .db.routing import ReplicaWriteError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(sa_exc.DBAPIError, render_database_error)
     app.register_error_handler(sa_exc.TimeoutError, render_database_error)
     app.register_error_handler(DatabaseUnavailable, render_database_refused)
+    app.register_error_handler(ReplicaWriteError, render_replica_write)
 
 
 def error_page(code: int, description: str | None = None) -> str:
@@ -91,3 +93,19 @@ def render_database_refused(error: DatabaseUnavailable) -> tuple[str, int, dict[
     database, so a 503 at once, saying when to come back."""
     log.warning("database request refused (%s): %s", error.reason, error)
     return error_page(503, _UNAVAILABLE_MESSAGES[error.reason]), 503, {"Retry-After": str(error.retry_after)}
+
+
+_READ_ONLY_MESSAGE = (
+    "This page can only read, so nothing you sent was saved. Go back and try again; if "
+    "it happens again, the site is in read-only mode for now."
+)
+
+
+def render_replica_write(error: ReplicaWriteError) -> tuple[str, int]:
+    """A session bound to a read replica tried to write. Nothing was written, and a retry
+    will meet the same refusal, so no Retry-After: a 503 all the same, as a site in
+    read-only mode answers, because the request was fine and the server could not serve
+    it; not a 500 page, which would say something broke half-way. The log line is an
+    ERROR with the traceback: it is a bug to fix."""
+    log.error("write refused in a read-replica session: %s", error, exc_info=error)
+    return error_page(503, _READ_ONLY_MESSAGE), 503

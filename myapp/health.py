@@ -20,13 +20,21 @@ def healthz() -> dict[str, str]:
 @bp.get("/readyz")
 def readyz() -> tuple[dict[str, object], int]:
     """Ready when the database accepts a new connection within the ping timeout and
-    this worker's circuit breaker is closed (an open one answers at once, no ping)."""
+    this worker's circuit breaker is closed (an open one answers at once, no ping).
+
+    With replicas, each one's state and lag as this worker last checked it; a replica
+    that is out does not make the app unready (its reads go to the primary).
+    """
     breaker = db.breaker_status()
+    extra: dict[str, object] = {"breaker": breaker}
+    replicas = db.replica_status()
+    if replicas is not None:
+        extra["replicas"] = replicas
     if breaker is not None and breaker["state"] != "closed":
         reason = f"circuit breaker {breaker['state']}: {breaker['last_error']}"
-        return {"status": "unavailable", "reason": reason, "breaker": breaker}, 503
+        return {"status": "unavailable", "reason": reason, **extra}, 503
     try:
         latency = db.ping()
     except SQLAlchemyError as error:
-        return {"status": "unavailable", "reason": describe_error(error), "breaker": breaker}, 503
-    return {"status": "ready", "database_latency_ms": round(latency * 1000, 2), "breaker": breaker}, 200
+        return {"status": "unavailable", "reason": describe_error(error), **extra}, 503
+    return {"status": "ready", "database_latency_ms": round(latency * 1000, 2), **extra}, 200

@@ -3,7 +3,8 @@
 
 from .base import Base
 from .lifecycle import Database, db
+from .routing import ReplicaWriteError
 from .session import AppSession
 from .tracking import LostWriteError, has_writes
 
-__all__ = ["AppSession", "Base", "Database", "LostWriteError", "db", "has_writes"]
+__all__ = ["AppSession", "Base", "Database", "LostWriteError", "ReplicaWriteError", "db", "has_writes"]

@@ -24,13 +24,18 @@ from .routing import READ_ONLY
 _all_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-def make_engine(config: Mapping[str, Any], instance_path: str, *, probe: bool = False) -> Engine:
+def make_engine(
+    config: Mapping[str, Any], instance_path: str, *, probe: bool = False, replica_url: str | URL | None = None
+) -> Engine:
     """Create the engine for ``DATABASE_URL`` with the options its backend needs.
 
     A probe engine has no pool and a short connect timeout: each ping opens a fresh
-    connection, which proves the server still accepts new ones.
+    connection, which proves the server still accepts new ones. A replica engine (for
+    ``replica_url``) has the same setup and pool, reads in AUTOCOMMIT (a replica read
+    needs no transaction: no BEGIN, no ROLLBACK), and keeps its connections when the
+    server says it is read-only: that is what a replica is.
     """
-    url = _resolve_url(config["DATABASE_URL"], instance_path)
+    url = _resolve_url(replica_url or config["DATABASE_URL"], instance_path)
     backend = url.get_backend_name()
     options: dict[str, Any] = {
         "pool_pre_ping": True,
@@ -79,12 +84,14 @@ def make_engine(config: Mapping[str, Any], instance_path: str, *, probe: bool = 
         if statement_timeout_ms:
             connect_args["init_command"] = f"SET SESSION max_statement_time={statement_timeout_ms / 1000}"
 
+    if replica_url is not None:
+        options["isolation_level"] = "AUTOCOMMIT"
     engine = create_engine(url, connect_args=connect_args, **options)
     if backend == "sqlite":
         _configure_sqlite(engine)
     else:
         _name_connections(engine, config["DATABASE_APP_NAME"])
-    if backend == "postgresql":
+    if backend == "postgresql" and replica_url is None:
         _discard_connections_to_a_read_only_server(engine)
     if backend == "postgresql" and not probe:
         _ping_only_when_the_socket_speaks(engine)
@@ -92,6 +99,37 @@ def make_engine(config: Mapping[str, Any], instance_path: str, *, probe: bool = 
         _set_statement_timeout_per_transaction(engine, statement_timeout_ms)
     if not probe:
         _all_engines.add(engine)
+    return engine
+
+
+# A health check's deadline: libpq's shortest connect timeout (it rounds anything
+# shorter up to 2 s), then half a second for the statement and for unacknowledged packets.
+CHECK_CONNECT_TIMEOUT = 2
+CHECK_STATEMENT_TIMEOUT_MS = 500
+
+
+def make_check_engine(config: Mapping[str, Any], url: str | URL, label: str) -> Engine:
+    """A one-connection engine for the replica health checks of one server (PostgreSQL).
+
+    Short deadlines everywhere, AUTOCOMMIT, no pre-ping (a failed check is the news);
+    the connection is kept between checks, so a check costs one round trip.
+    """
+    connect_args: dict[str, Any] = {
+        "connect_timeout": CHECK_CONNECT_TIMEOUT,
+        "tcp_user_timeout": 1000,
+        "keepalives": 1,
+        "keepalives_idle": 1,
+        "keepalives_interval": 1,
+        "keepalives_count": 2,
+    }
+    if config.get("DATABASE_PGBOUNCER") != "transaction":  # PgBouncer refuses startup options
+        connect_args["options"] = f"-c statement_timeout={CHECK_STATEMENT_TIMEOUT_MS}"
+    engine = create_engine(
+        url, connect_args=connect_args, isolation_level="AUTOCOMMIT", pool_size=1, max_overflow=0,
+        pool_timeout=CHECK_CONNECT_TIMEOUT, pool_recycle=int(config["DATABASE_POOL_RECYCLE"]), hide_parameters=True,
+    )
+    _name_connections(engine, f"{config['DATABASE_APP_NAME']}-{label}")
+    _all_engines.add(engine)
     return engine
 
 

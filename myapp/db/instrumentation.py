@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from flask import Flask, g, has_request_context, request
@@ -33,14 +34,17 @@ def log_slow_queries(engine: Engine, threshold_ms: float) -> None:
             log.warning("slow query (%.0f ms) in %s: %s", elapsed_ms, endpoint, " ".join(statement.split()))
 
 
-def watch_query_budget(app: Flask, engine: Engine, budget: int) -> None:
-    """Count each request's statements; warn past the budget (an N+1 query is the usual
-    cause) and, in debug, show the count in an ``X-Query-Count`` header."""
+def watch_query_budget(app: Flask, engines: Sequence[Engine], budget: int) -> None:
+    """Count each request's statements (on every engine given: the primary's and the
+    replicas'); warn past the budget (an N+1 query is the usual cause) and, in debug,
+    show the count in an ``X-Query-Count`` header."""
 
-    @event.listens_for(engine, "before_cursor_execute")
     def _count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if has_request_context() and not statement.startswith(_TRANSACTION_CONTROL):
             g.query_count = g.get("query_count", 0) + 1
+
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", _count)
 
     @app.after_request
     def _report(response: Response) -> Response:

@@ -13,10 +13,16 @@
    back to the pool. Should that teardown never run (another teardown raised before
    it), the session is closed when its context is freed, and no later context can get it.
 
+With read replicas (``DATABASE_REPLICA_URLS``), step 2 also lets a read-only request's
+session read from a replica that has replayed the user's last commit, and after a
+request that committed a write the primary's WAL position goes into the user's cookie
+(``sticking``).
+
 The rest of the package holds what this file switches on: ``engines`` (one per
-backend), ``routing`` (which connection a statement uses), ``units`` (transactions,
-after-commit hooks, retries), ``tracking`` (what a session wrote), ``instrumentation``
-(slow queries, query budget), ``errors`` (what a failure means) and ``testing``.
+backend), ``routing`` (which connection a statement uses), ``replicas`` (the replica
+set and its health), ``units`` (transactions, after-commit hooks, retries),
+``tracking`` (what a session wrote), ``instrumentation`` (slow queries, query budget),
+``errors`` (what a failure means) and ``testing``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar, cast
 
 import click
@@ -39,12 +45,13 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 from sqlalchemy.util import ScopedRegistry
 from werkzeug.wrappers import Response
 
-from ..config import ConfigError
-from . import breaker, instrumentation, routing, testing, tracking, units
+from ..config import ConfigError, replica_urls
+from . import breaker, instrumentation, routing, sticking, testing, tracking, units
 from .base import Base
 from .breaker import Breaker, Bulkhead
 from .engines import make_engine, register_process_hooks
 from .errors import describe_error, mask_url
+from .replicas import ReplicaSet
 from .session import AppSession
 from .tracking import LostWriteError, describe_uncommitted, has_writes
 
@@ -81,6 +88,9 @@ class AppState:
     sessionmaker: sessionmaker[AppSession]
     breaker: Breaker | None = None
     bulkhead: Bulkhead | None = None
+    replicas: ReplicaSet | None = None
+    read_from_header: bool = False  # X-Read-From on every response
+    refusing_binds: dict[int, Engine] = field(default_factory=dict)  # by id() of the engine
     isolated: bool = False  # inside db.test_isolation(): one connection for everything
 
 
@@ -197,15 +207,25 @@ class Database:
             raise ConfigError(
                 f"DATABASE_URL {mask_url(config['DATABASE_URL'])!r} is invalid: {error}"
             ) from None
+        urls = replica_urls(config["DATABASE_REPLICA_URLS"])
+        try:
+            replicas = ReplicaSet.from_config(config, app.instance_path, urls) if urls else None
+        except (ArgumentError, ImportError, ValueError) as error:
+            raise ConfigError(f"DATABASE_REPLICA_URLS is invalid: {error}") from None
         if _reads_in_autocommit(config, engine):
             routing.install_autocommit_reads(engine)
+        # Statements sent to a replica are timed and counted like the primary's.
+        serving = [engine, *(replica.engine for replica in replicas.replicas)] if replicas else [engine]
         if config.get("DATABASE_SLOW_QUERY_MS"):
-            instrumentation.log_slow_queries(engine, float(config["DATABASE_SLOW_QUERY_MS"]))
+            for each in serving:
+                instrumentation.log_slow_queries(each, float(config["DATABASE_SLOW_QUERY_MS"]))
         app.extensions[EXTENSION_KEY] = state = AppState(
             engine=engine,
             probe_engine=probe_engine,
             read_only_engine=routing.read_only(engine),
-            sessionmaker=self._make_sessionmaker(engine),
+            sessionmaker=self._make_sessionmaker(engine, replicas=replicas is not None),
+            replicas=replicas,
+            read_from_header=bool(replicas is not None and (config["DATABASE_READ_FROM_HEADER"] or app.debug)),
         )
         tracking.install_statement_tracking(engine)
         if config["DATABASE_BREAKER_THRESHOLD"]:
@@ -219,21 +239,30 @@ class Database:
                 int(config["DATABASE_BULKHEAD"]), float(config["DATABASE_BULKHEAD_TIMEOUT"]),
                 max_wait=float(config["DATABASE_POOL_TIMEOUT"]),
             )
-            breaker.watch_waits(engine, state.bulkhead)
+            for each in serving:  # a replica's statement waits on a database too
+                breaker.watch_waits(each, state.bulkhead)
+        if replicas is not None:
+            # Registered first, so it runs after the commit below (after_request
+            # functions run in reverse order).
+            app.after_request(self._keep_reads_consistent)
         if config["DATABASE_COMMIT_ON_SUCCESS"]:
             app.after_request(self._commit_before_response)
         if config["DATABASE_QUERY_BUDGET"] and (app.debug or app.testing):
-            instrumentation.watch_query_budget(app, engine, int(config["DATABASE_QUERY_BUDGET"]))
+            instrumentation.watch_query_budget(app, serving, int(config["DATABASE_QUERY_BUDGET"]))
         app.teardown_appcontext(self._remove_session)
         app.shell_context_processor(lambda: {"db": self, "select": select})
         register_process_hooks()
 
     @staticmethod
-    def _make_sessionmaker(bind: Any, **options: Any) -> sessionmaker[AppSession]:
+    def _make_sessionmaker(bind: Any, replicas: bool = False, **options: Any) -> sessionmaker[AppSession]:
         maker = sessionmaker(bind=bind, class_=AppSession, autoflush=False, expire_on_commit=False, **options)
         routing.install_session_routing(maker)
+        routing.install_write_refusal(maker)
         tracking.install_write_tracking(maker)
         units.install_commit_hooks(maker)
+        if replicas:
+            routing.install_replica_routing(maker)
+            tracking.install_commit_tracking(maker)
         return maker
 
     def _state(self, app: Flask | None = None) -> AppState:
@@ -260,6 +289,8 @@ class Database:
                 state.breaker.check()
             read_only = has_request_context() and request.method in READ_ONLY_METHODS and not state.isolated
             session = state.sessionmaker(bind=state.read_only_engine) if read_only else state.sessionmaker()
+            if read_only and state.replicas is not None:
+                routing.read_from_replicas(session, state.replicas, sticking.required_lsn())
         except BaseException:
             if release is not None:
                 release()
@@ -322,6 +353,15 @@ class Database:
                 return current_app.make_response(current_app.handle_user_exception(error))
         return response
 
+    def _keep_reads_consistent(self, response: Response) -> Response:
+        """With replicas: keep this request's commit's WAL position in the user's cookie,
+        or drop one every replica has replayed; say where the reads went (``sticking``)."""
+        state = self._state()
+        session = self.session() if self.session.registry.has() else None
+        sticking.after_request(response, session, cast(ReplicaSet, state.replicas), state.engine,
+                               reading=request.method in READ_ONLY_METHODS, header=state.read_from_header)
+        return response
+
     def rollback(self) -> None:
         """Roll back the current context's session, if it has one (error pages use it)."""
         if self.session.registry.has():
@@ -369,6 +409,48 @@ class Database:
         with nullcontext() if inside else app.app_context():
             with self.transaction() as session:
                 yield session
+
+    # -- read replicas (myapp.db.replicas) ------------------------------------------------
+
+    @contextmanager
+    def use_primary(self) -> Iterator[None]:
+        """Send every statement of the block to the primary: for a read that must be
+        fresh. Also a decorator: ``@db.use_primary()``."""
+        with routing.primary_only(self.session()):
+            yield
+
+    @contextmanager
+    def replica_session(self) -> Iterator[AppSession]:
+        """An independent session that reads from a healthy replica (the primary when
+        there is none) and refuses to write (``ReplicaWriteError``, before anything is
+        sent): how a command or a job opts in to replica reads."""
+        state = self._state()
+        bind = state.engine
+        if state.replicas is not None:
+            if all(replica.state == "unknown" for replica in state.replicas.replicas):
+                state.replicas.check()  # a command's first use: no request has started a check
+            replica = state.replicas.choose(None, lambda replica: None)
+            bind = replica.engine if replica is not None else bind
+        if id(bind) not in state.refusing_binds:
+            state.refusing_binds[id(bind)] = routing.refusing_writes(bind)
+        session = state.sessionmaker(bind=state.refusing_binds[id(bind)])
+        routing.refuse_flushes(session)
+        session.info["origin"] = f"replica session of {_describe_origin()}"
+        try:
+            yield session
+        finally:
+            session.close()
+
+    def replica_status(self, check: bool = False) -> list[dict[str, Any]] | None:
+        """Each replica's state and lag (None without replicas); ``check`` checks first."""
+        replicas = self._state().replicas
+        if replicas is None:
+            return None
+        if check:
+            replicas.check()
+        else:
+            replicas.maybe_check()
+        return replicas.status()
 
     def ping(self) -> float:
         """Run ``SELECT 1`` over a fresh connection with a short connect timeout.

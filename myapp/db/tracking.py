@@ -16,6 +16,8 @@ from .routing import statement_verb, writes
 
 _FLUSHED = "flushed"
 _FLUSHING = "myapp.flushing"
+_COMMITTING_WRITES = "myapp.committing_writes"
+_COMMITTED_WRITES = "myapp.committed_writes"
 # In a pooled connection's info while a session uses it: that session's info.
 _SESSION_INFO = "myapp.session_info"
 
@@ -29,6 +31,11 @@ def has_writes(session: Session) -> bool:
     return bool(session.new or session.deleted or session.info.get(_FLUSHED)) or any(
         session.is_modified(obj) for obj in session.dirty
     )
+
+
+def committed_writes(session: Session) -> bool:
+    """True once the session has committed a write (``install_commit_tracking``)."""
+    return bool(session.info.get(_COMMITTED_WRITES))
 
 
 def describe_uncommitted(session: Session) -> list[str]:
@@ -76,6 +83,26 @@ def install_write_tracking(maker: sessionmaker[Any]) -> None:
         if not previous_transaction.nested:
             session.info.pop(_FLUSHED, None)
             session.info.pop(_FLUSHING, None)
+
+
+def install_commit_tracking(maker: sessionmaker[Any]) -> None:
+    """Remember that a session committed a write (read-your-writes needs to know)."""
+
+    @event.listens_for(maker, "before_commit")
+    def _committing(session: Session) -> None:
+        # Before the commit's own flush: what it will write is still pending here.
+        if has_writes(session):
+            session.info[_COMMITTING_WRITES] = True
+
+    @event.listens_for(maker, "after_commit")
+    def _committed(session: Session) -> None:
+        if session.info.pop(_COMMITTING_WRITES, False):
+            session.info[_COMMITTED_WRITES] = True
+
+    @event.listens_for(maker, "after_soft_rollback")
+    def _rolled_back(session: Session, previous_transaction: SessionTransaction) -> None:
+        if not previous_transaction.nested:
+            session.info.pop(_COMMITTING_WRITES, None)
 
 
 def install_statement_tracking(engine: Engine) -> None:

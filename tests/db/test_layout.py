@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "myapp" / "db"
-# Flask glue: the lifecycle (the registry, teardown, the request's read-only promise)
-# and the per-request instruments it switches on.
-FLASK_AWARE = {"lifecycle.py", "instrumentation.py", "__init__.py"}
+# Flask glue: the lifecycle (the registry, teardown, the request's read-only promise),
+# the per-request instruments it switches on, and read-your-writes' cookie (sticking).
+FLASK_AWARE = {"lifecycle.py", "instrumentation.py", "sticking.py", "__init__.py"}
 
 
 def _imports(path: Path) -> set[str]:

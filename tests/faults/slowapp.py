@@ -11,6 +11,9 @@ Environment switches, each a deliberate fault for a negative control:
   connections cross the fork as they would without ``engine.dispose(close=False)``.
 - ``FAULTS_TOUCH_AT_IMPORT=1``: run a query while the app is built (in the gunicorn
   master with ``--preload``), leaving a connection in the pool.
+- ``FAULTS_REPLICA_FALLBACK=0``: a read that a replica failed (connection refused or
+  lost) is not re-run on the primary, and the replica is not marked down by it: the
+  request fails, and only the next health check takes the replica out.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from myapp import create_app
-from myapp.db import db, engines
+from myapp.db import db, engines, routing
 from myapp.db.engines import _all_engines
 
 bp = Blueprint("faults", __name__, url_prefix="/faults")
@@ -66,6 +69,9 @@ def create_fault_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         # Should the factory stop creating engines through that name, the fault would
         # silently not be injected and the negative controls would test nothing.
         assert app.extensions["myapp.database"].engine in built, "the app's engine kept pre-ping"
+    if not _flag("FAULTS_REPLICA_FALLBACK", "1"):
+        # The one test of "is this a replica failure to re-run on the primary".
+        routing._unreachable = lambda error: False  # type: ignore[assignment]
     engine = app.extensions["myapp.database"].engine
     if not _flag("FAULTS_FORK_DISPOSE", "1"):
         _all_engines.discard(engine)

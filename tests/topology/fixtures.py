@@ -58,6 +58,20 @@ def replicated(replicated_session: ReplicatedPostgres) -> Iterator[ReplicatedPos
 
 
 @pytest.fixture(scope="session")
+def replicated2_session() -> Iterator[ReplicatedPostgres]:
+    require_postgres()
+    with replicated_postgres(standbys=2) as topology:
+        yield topology
+
+
+@pytest.fixture
+def replicated2(replicated2_session: ReplicatedPostgres) -> Iterator[ReplicatedPostgres]:
+    """A primary and two streaming standbys, on loopback, shared by the session."""
+    yield replicated2_session
+    replicated2_session.reset()
+
+
+@pytest.fixture(scope="session")
 def netns_postgres_session() -> Iterator[PgNode]:
     require_postgres()
     require_namespaces()
