@@ -113,7 +113,8 @@ DEFAULTS: dict[str, Any] = {
     # over the cap waits for a slot (at most DATABASE_POOL_TIMEOUT), but gets a 503 at
     # once when every holder has waited on the database DATABASE_BULKHEAD_TIMEOUT
     # seconds or more (it is stuck). gunicorn.conf.py sets it to GUNICORN_THREADS - 1,
-    # so that a thread is always free for /healthz.
+    # so that a thread is always free for /healthz. Not on SQLite: no network to hang
+    # on, and its writers queue for the lock within SQLITE_BUSY_TIMEOUT.
     "DATABASE_BULKHEAD": 0,
     "DATABASE_BULKHEAD_TIMEOUT": 0.5,
     # "transaction" behind PgBouncer's transaction pooling: no prepared statements,

@@ -234,7 +234,9 @@ class Database:
                 probe=lambda: _select_one(probe_engine),
             )
             breaker.watch(engine, state.breaker)
-        if config["DATABASE_BULKHEAD"]:
+        # SQLite has no network to hang on: a writer that waits is queued for the file's
+        # lock, fairly and within SQLITE_BUSY_TIMEOUT, and must not be turned away.
+        if config["DATABASE_BULKHEAD"] and engine.dialect.name != "sqlite":
             state.bulkhead = Bulkhead(
                 int(config["DATABASE_BULKHEAD"]), float(config["DATABASE_BULKHEAD_TIMEOUT"]),
                 max_wait=float(config["DATABASE_POOL_TIMEOUT"]),

@@ -224,6 +224,7 @@ def test_bulkhead_refuses_at_once_when_every_holder_is_stuck_on_the_database(app
 
 
 @pytest.mark.real_commits
+@pytest.mark.backends("postgresql", "mysql")
 def test_bulkhead_queues_behind_a_holder_busy_with_its_own_work(app: Flask) -> None:
     """A holder rendering or hashing is not stuck: the next request waits for the slot."""
     entered, leave = _hold_the_database(app)
@@ -242,6 +243,7 @@ def test_bulkhead_queues_behind_a_holder_busy_with_its_own_work(app: Flask) -> N
 
 
 @pytest.mark.real_commits
+@pytest.mark.backends("postgresql", "mysql")
 def test_bulkhead_gives_up_after_the_pool_timeout(app: Flask) -> None:
     entered, leave = _hold_the_database(app)
     holder = threading.Thread(target=lambda: app.test_client().get("/_test/hold"))
@@ -257,6 +259,7 @@ def test_bulkhead_gives_up_after_the_pool_timeout(app: Flask) -> None:
 
 
 @pytest.mark.real_commits
+@pytest.mark.backends("postgresql", "mysql")
 def test_negative_control_without_bulkhead_the_second_request_is_served(app: Flask) -> None:
     app.extensions["myapp.database"].bulkhead = None
     entered, leave = _hold_the_database(app)
@@ -268,3 +271,12 @@ def test_negative_control_without_bulkhead_the_second_request_is_served(app: Fla
     finally:
         leave.set()
         holder.join(10)
+
+
+@pytest.mark.real_commits
+@pytest.mark.backends("sqlite")
+def test_no_bulkhead_on_sqlite(app: Flask) -> None:
+    """SQLite's writers wait for the file lock, fairly and bounded by its busy timeout;
+    turning them away would fail writes that were about to succeed."""
+    assert app.config["DATABASE_BULKHEAD"] == 1
+    assert app.extensions["myapp.database"].bulkhead is None
