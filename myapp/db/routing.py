@@ -96,13 +96,18 @@ def needs_transaction(statement: str) -> bool:
     """True unless the statement only reads and takes no row lock."""
     verb = statement_verb(statement)
     if verb in _READ_VERBS:
-        return bool(_LOCKING_CLAUSE.search(statement))
-    return verb != "WITH" or bool(_DATA_MODIFYING.search(statement) or _LOCKING_CLAUSE.search(statement))
+        return locks(statement)
+    return verb != "WITH" or bool(_DATA_MODIFYING.search(statement)) or locks(statement)
 
 
 def locks(statement: str) -> bool:
     """True if the statement takes row locks (``SELECT ... FOR UPDATE/SHARE``)."""
     return bool(_LOCKING_CLAUSE.search(statement))
+
+
+def _writes_or_locks(statement: str) -> bool:
+    """What a replica-only session refuses to send."""
+    return writes(statement) or locks(statement)
 
 
 def read_only(engine: Engine) -> Engine:
@@ -213,7 +218,7 @@ def watch_replica_engine(engine: Engine) -> None:
         connection: Connection, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
     ) -> None:
         if connection.get_execution_options().get(REFUSE_WRITES):
-            if writes(statement) or locks(statement):
+            if _writes_or_locks(statement):
                 raise _refusal(statement)
         elif needs_transaction(statement):
             raise _PrimaryNeeded(writes(statement))
@@ -227,7 +232,7 @@ def refusing_writes(engine: Engine) -> Engine:
         # replica is healthy) this derived engine gets one of its own.
         @event.listens_for(bind, "before_cursor_execute")
         def _refuse(connection: Connection, cursor: Any, statement: str, *args: Any) -> None:
-            if writes(statement) or locks(statement):
+            if _writes_or_locks(statement):
                 raise _refusal(statement)
 
     return bind
