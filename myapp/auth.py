@@ -129,9 +129,14 @@ def register() -> str | Response:
             form.username.errors.append(USERNAME_TAKEN)
         else:
             password_hash = generate_password_hash(cast(str, form.password.data))
-            try:
+
+            @db.retrying()
+            def add_user() -> None:
                 with db.transaction() as session:
                     session.add(User(username=username, password_hash=password_hash))
+
+            try:
+                add_user()
             except IntegrityError:
                 # Someone registered the same name between our check and our insert.
                 form.username.errors.append(USERNAME_TAKEN)

@@ -139,6 +139,12 @@ def db_status() -> None:
         click.echo(f"{label:<9}{value}")
     for replica in db.replica_status(check=True) or []:
         click.echo(f"{'replica':<9}{_describe_replica(replica)}")
+    cluster = db.galera_status()
+    if cluster is not None:
+        click.echo(
+            f"{'galera':<9}node {cluster['node']} {cluster['state']}, {cluster['cluster_status']} component of "
+            f"{cluster['cluster_size']} nodes ({cluster['mode']})"
+        )
 
 
 def _describe_replica(status: dict[str, Any]) -> str:

@@ -61,6 +61,8 @@ ENVIRONMENT_SETTINGS: dict[str, Callable[[str], Any]] = {
     "DATABASE_REPLICA_CHECK_INTERVAL": float,
     "DATABASE_REPLICA_MAX_LAG": str,
     "DATABASE_READ_FROM_HEADER": _as_bool,
+    "DATABASE_GALERA": str,
+    "DATABASE_GALERA_SYNC_WAIT": int,
     "SQLITE_BUSY_TIMEOUT": float,
     "POSTS_PER_PAGE": int,
     "SESSION_COOKIE_SECURE": _as_bool,
@@ -131,6 +133,16 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_REPLICA_MAX_LAG": "10s, 16MB",
     # An X-Read-From header (replica <n> / primary) on every response; always on in debug.
     "DATABASE_READ_FROM_HEADER": False,
+    # MariaDB Galera: "pinned" (every connection to the first ready node of the URL's
+    # list: one writer, no certification conflicts between our own requests) or
+    # "spread" (each new connection starts from the next node). "" : not a cluster.
+    # A cluster URL lists its nodes like a PostgreSQL multi-host one:
+    # mysql+pymysql://user:pw@node1:3306/db?host=node2:3306&host=node3:3306
+    "DATABASE_GALERA": "",
+    # wsrep_sync_wait for every connection to a Galera node: 1 makes each read wait
+    # until the node has applied what the cluster had committed when the read began
+    # (causal reads: a write through one node is seen by a read on any); 0: off.
+    "DATABASE_GALERA_SYNC_WAIT": 1,
     "SQLITE_BUSY_TIMEOUT": 5.0,
     "POSTS_PER_PAGE": 20,
     # Alembic's folder; None: the one installed with the package (packaged_migrations_dir).
@@ -170,6 +182,7 @@ def load_config(app: Flask, test_config: Mapping[str, Any] | None) -> None:
     _check_rate_limits(app)
     _check_pgbouncer(app)
     _check_replicas(app)
+    _check_galera(app)
 
 
 def check_settings() -> None:
@@ -246,6 +259,17 @@ def _check_pgbouncer(app: Flask) -> None:
             f"DATABASE_PGBOUNCER is invalid: {mode!r}; use \"transaction\" behind PgBouncer's "
             "transaction pooling, or leave it empty."
         )
+
+
+def _check_galera(app: Flask) -> None:
+    mode = app.config["DATABASE_GALERA"] or ""
+    if mode not in ("", "pinned", "spread"):
+        raise ConfigError(
+            f"DATABASE_GALERA is invalid: {mode!r}; use \"pinned\" or \"spread\" for a Galera "
+            "cluster, or leave it empty."
+        )
+    if not 0 <= int(app.config["DATABASE_GALERA_SYNC_WAIT"]) <= 15:
+        raise ConfigError("DATABASE_GALERA_SYNC_WAIT must be a wsrep_sync_wait bit mask from 0 to 15.")
 
 
 _LAG_UNITS = {

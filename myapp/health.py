@@ -23,7 +23,8 @@ def readyz() -> tuple[dict[str, object], int]:
     this worker's circuit breaker is closed (an open one answers at once, no ping).
 
     With replicas, each one's state and lag as this worker last checked it; a replica
-    that is out does not make the app unready (its reads go to the primary).
+    that is out does not make the app unready (its reads go to the primary). On a
+    Galera cluster, the node a new connection reaches, its state and the cluster size.
     """
     breaker = db.breaker_status()
     extra: dict[str, object] = {"breaker": breaker}
@@ -35,6 +36,9 @@ def readyz() -> tuple[dict[str, object], int]:
         return {"status": "unavailable", "reason": reason, **extra}, 503
     try:
         latency = db.ping()
+        cluster = db.galera_status()
     except SQLAlchemyError as error:
         return {"status": "unavailable", "reason": describe_error(error), **extra}, 503
+    if cluster is not None:
+        extra["galera"] = cluster
     return {"status": "ready", "database_latency_ms": round(latency * 1000, 2), **extra}, 200

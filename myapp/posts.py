@@ -134,9 +134,15 @@ def detail(post_id: int) -> str:
 def create() -> str | Response:
     form = PostForm()
     if form.validate_on_submit():
-        post = Post(title=form.title.data, body=form.body.data, author=g.user)
-        with db.transaction() as session:
-            session.add(post)
+
+        @db.retrying()
+        def publish() -> Post:
+            post = Post(title=form.title.data, body=form.body.data, author=g.user)
+            with db.transaction() as session:
+                session.add(post)
+            return post
+
+        post = publish()
         flash("Your post is published.", "success")
         return redirect(url_for("posts.detail", post_id=post.id))
     return render_template("posts/form.html", form=form, post=None)
@@ -150,14 +156,24 @@ def edit(post_id: int) -> tuple[str, int] | str | Response:
     if request.method == "GET":
         form.version.data = str(post.version)
     elif form.validate_on_submit():
-        if form.version.data != str(post.version):
-            return _conflict(form, post)
-        try:
+
+        @db.retrying()
+        def save() -> bool:
+            # Inside the retried unit: a retry re-reads the post, and a save that
+            # committed meanwhile (the one our certification lost to) is a conflict.
+            if form.version.data != str(post.version):
+                return False
             with db.transaction():
                 post.title = cast(str, form.title.data)
                 post.body = cast(str, form.body.data)
+            return True
+
+        try:
+            saved = save()
         except StaleDataError:
             # The version check in the UPDATE lost a race with another save.
+            saved = False
+        if not saved:
             return _conflict(form, post)
         flash("Your changes are saved.", "success")
         return redirect(url_for("posts.detail", post_id=post.id))
@@ -178,7 +194,12 @@ def _conflict(form: PostForm, post: Post) -> tuple[str, int]:
 @bp.post("/posts/<int:post_id>/delete")
 @login_required
 def delete(post_id: int) -> Response:
-    with db.transaction() as session:
-        session.delete(get_post(post_id))
+
+    @db.retrying()
+    def remove() -> None:
+        with db.transaction() as session:
+            session.delete(get_post(post_id))
+
+    remove()
     flash("The post is deleted.", "info")
     return redirect(url_for("index"))

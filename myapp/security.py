@@ -218,25 +218,31 @@ class DatabaseStorage(Storage):
         expires_at = case((expired, now + expiry), else_=RateLimit.expires_at)
         values = {"key": key, "count": amount, "expires_at": now + expiry}
         dialect = session.get_bind().dialect.name
-        with db.transaction():
-            if dialect in ("mysql", "mariadb"):
-                # MariaDB assigns left to right: count first, while expires_at is old.
-                session.execute(
-                    mysql.insert(RateLimit).values(values).on_duplicate_key_update(
-                        [("count", count), ("expires_at", expires_at)]
+
+        # A Galera certification conflict (two nodes counting the same key) is retried.
+        @db.retrying()
+        def add() -> int:
+            with db.transaction():
+                if dialect in ("mysql", "mariadb"):
+                    # MariaDB assigns left to right: count first, while expires_at is old.
+                    session.execute(
+                        mysql.insert(RateLimit).values(values).on_duplicate_key_update(
+                            [("count", count), ("expires_at", expires_at)]
+                        )
                     )
-                )
-            else:
-                insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-                session.execute(
-                    insert(RateLimit).values(values).on_conflict_do_update(
-                        index_elements=[RateLimit.key], set_={"count": count, "expires_at": expires_at}
+                else:
+                    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+                    session.execute(
+                        insert(RateLimit).values(values).on_conflict_do_update(
+                            index_elements=[RateLimit.key], set_={"count": count, "expires_at": expires_at}
+                        )
                     )
-                )
-            if now >= self._next_purge:
-                self._next_purge = now + self.PURGE_INTERVAL
-                session.execute(delete(RateLimit).where(RateLimit.expires_at < now))
-            return int(session.scalar(select(RateLimit.count).where(RateLimit.key == key)) or 0)
+                if now >= self._next_purge:
+                    self._next_purge = now + self.PURGE_INTERVAL
+                    session.execute(delete(RateLimit).where(RateLimit.expires_at < now))
+                return int(session.scalar(select(RateLimit.count).where(RateLimit.key == key)) or 0)
+
+        return add()
 
     def get(self, key: str) -> int:
         return int(self._read(RateLimit.count, key) or 0)

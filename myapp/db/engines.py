@@ -18,6 +18,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool, StaticPool
 
+from . import galera
 from .routing import READ_ONLY
 
 # Every pooled engine, so that a fork or the interpreter's exit can reach them.
@@ -47,6 +48,8 @@ def make_engine(
     statement_timeout_ms = int(config.get("DATABASE_STATEMENT_TIMEOUT") or 0)
     network_timeout = int(config.get("DATABASE_NETWORK_TIMEOUT") or 0)
     pgbouncer = config.get("DATABASE_PGBOUNCER") == "transaction"
+    galera_mode = config.get("DATABASE_GALERA") or ""
+    galera_nodes: list[tuple[str, int]] = []
 
     if backend == "sqlite" and _is_memory(url):
         options["poolclass"] = StaticPool  # one database shared by every session
@@ -75,6 +78,10 @@ def make_engine(
             connect_args["options"] = f"-c statement_timeout={statement_timeout_ms}"
     elif backend in ("mysql", "mariadb"):
         url = url.update_query_dict({"charset": "utf8mb4"})
+        if galera_mode:
+            url, galera_nodes = galera.cluster_nodes(url)
+        elif "host" in url.query:
+            raise ValueError("a URL with host= entries is a Galera cluster: set DATABASE_GALERA too")
         connect_args["connect_timeout"] = connect_timeout
         if network_timeout:
             # PyMySQL waits on a socket read for as long as this: it must outlast the
@@ -91,6 +98,8 @@ def make_engine(
         _configure_sqlite(engine)
     else:
         _name_connections(engine, config["DATABASE_APP_NAME"])
+    if galera_nodes:
+        galera.configure(engine, galera_nodes, galera_mode, int(config.get("DATABASE_GALERA_SYNC_WAIT") or 0))
     if backend == "postgresql" and replica_url is None:
         _discard_connections_to_a_read_only_server(engine)
     if backend == "postgresql" and not probe:

@@ -46,7 +46,7 @@ from sqlalchemy.util import ScopedRegistry
 from werkzeug.wrappers import Response
 
 from ..config import ConfigError, replica_urls
-from . import breaker, instrumentation, routing, sticking, testing, tracking, units
+from . import breaker, galera, instrumentation, routing, sticking, testing, tracking, units
 from .base import Base
 from .breaker import Breaker, Bulkhead
 from .engines import make_engine, register_process_hooks
@@ -90,6 +90,7 @@ class AppState:
     bulkhead: Bulkhead | None = None
     replicas: ReplicaSet | None = None
     read_from_header: bool = False  # X-Read-From on every response
+    galera: str = ""  # DATABASE_GALERA: "pinned", "spread" or "" (not a cluster)
     refusing_binds: dict[int, Engine] = field(default_factory=dict)  # by id() of the engine
     isolated: bool = False  # inside db.test_isolation(): one connection for everything
 
@@ -226,6 +227,7 @@ class Database:
             sessionmaker=self._make_sessionmaker(engine, replicas=replicas is not None),
             replicas=replicas,
             read_from_header=bool(replicas is not None and (config["DATABASE_READ_FROM_HEADER"] or app.debug)),
+            galera=config["DATABASE_GALERA"] if engine.dialect.name in ("mysql", "mariadb") else "",
         )
         tracking.install_statement_tracking(engine)
         if config["DATABASE_BREAKER_THRESHOLD"]:
@@ -462,6 +464,14 @@ class Database:
         started = time.perf_counter()
         _select_one(self._state().probe_engine)
         return time.perf_counter() - started
+
+    def galera_status(self) -> dict[str, Any] | None:
+        """The Galera node a new connection reaches now, with its state and the cluster's
+        size (None when the database is not a Galera cluster); raises like ``ping``."""
+        state = self._state()
+        if not state.galera:
+            return None
+        return {"mode": state.galera, **galera.status(state.probe_engine)}
 
     def breaker_status(self) -> dict[str, Any] | None:
         """This process's circuit breaker (None when it is switched off)."""
