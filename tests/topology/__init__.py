@@ -1,17 +1,18 @@
 """Throwaway multi-server topologies for the fault suite (issue 10): a PostgreSQL
-primary with streaming standbys, servers inside network namespaces that can be cut off
+primary with streaming standbys, a three-node MariaDB Galera cluster, servers inside network namespaces that can be cut off
 silently, and PgBouncer. Every builder is a context manager that removes what it made,
 by PID and by name of its own namespace, whatever happens in the test.
 
 Session-scoped pytest fixtures around them are in :mod:`tests.topology.fixtures`.
 """
 
+from .galera import GaleraCluster, GaleraNode, galera_cluster
 from .mariadb import NamespacedMariaDB, namespaced_mariadb
 from .netns import NetNamespace, network_namespace
 from .pgbouncer import PgBouncer, pgbouncer
 from .postgres import PgNode, ReplicatedPostgres, namespaced_postgres, replicated_postgres
 
 __all__ = [
-    "NamespacedMariaDB", "NetNamespace", "PgBouncer", "PgNode", "ReplicatedPostgres", "namespaced_mariadb",
+    "GaleraCluster", "GaleraNode", "galera_cluster", "NamespacedMariaDB", "NetNamespace", "PgBouncer", "PgNode", "ReplicatedPostgres", "namespaced_mariadb",
     "namespaced_postgres", "network_namespace", "pgbouncer", "replicated_postgres",
 ]

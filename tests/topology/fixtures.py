@@ -21,6 +21,7 @@ import pytest
 
 from tests.faults.servers import PostgresServer, ThrowawayServer, throwaway_server
 
+from .galera import PROVIDER as GALERA_PROVIDER, GaleraCluster, galera_cluster
 from .mariadb import NamespacedMariaDB, namespaced_mariadb
 from .pgbouncer import BINARY as PGBOUNCER, PgBouncer, pgbouncer
 from .postgres import PgNode, ReplicatedPostgres, namespaced_postgres, replicated_postgres
@@ -120,3 +121,21 @@ def bouncer(bouncer_session: PgBouncer) -> PgBouncer:
     the prepared statements an earlier test left on them."""
     bouncer_session.restart()
     return bouncer_session
+
+
+@pytest.fixture(scope="session")
+def galera_session() -> Iterator[GaleraCluster]:
+    require(bool(glob.glob("/usr/*bin/mariadbd")), "no mariadbd")
+    require(os.path.exists(GALERA_PROVIDER), f"no {GALERA_PROVIDER}: apt-get install galera-4")
+    require(shutil.which("rsync") is not None, "no rsync (Galera's state transfer): apt-get install rsync")
+    with galera_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def galera(galera_session: GaleraCluster) -> Iterator[GaleraCluster]:
+    """A three-node MariaDB Galera cluster on loopback, shared by the session; every
+    node running, joined and synced again after the test."""
+    galera_session.heal()
+    yield galera_session
+    galera_session.heal()
