@@ -481,8 +481,10 @@ def test_a_node_killed_and_restarted_under_load(galera: GaleraCluster, database:
         time.sleep(1.0)
         killed.kill()
         time.sleep(3.0)
+        log_before = len(killed.log.read_bytes())
         restarted = time.monotonic()
         killed.start()
+        rejoin_log = killed.log.read_bytes()[log_before:].decode(errors="replace")
         rejoin_seconds = time.monotonic() - restarted
         time.sleep(1.0)
         load.finish()
@@ -503,6 +505,8 @@ def test_a_node_killed_and_restarted_under_load(galera: GaleraCluster, database:
         assert load.failures() <= POOL["DATABASE_POOL_SIZE"] + POOL["DATABASE_MAX_OVERFLOW"], load.statuses
         assert lost == 0
         assert killed.address in reached
+        # From its recovered position, by incremental state transfer, not a full copy.
+        assert "Receiving IST" in rejoin_log, rejoin_log[-2000:]
     finally:
         load.finish()
         dispose(app)
