@@ -15,6 +15,7 @@ from typing import Any
 import click
 from flask import Flask
 from limits import parse_many
+from sqlalchemy.engine import make_url
 
 
 class ConfigError(click.ClickException):
@@ -270,6 +271,16 @@ def _check_galera(app: Flask) -> None:
         )
     if not 0 <= int(app.config["DATABASE_GALERA_SYNC_WAIT"]) <= 15:
         raise ConfigError("DATABASE_GALERA_SYNC_WAIT must be a wsrep_sync_wait bit mask from 0 to 15.")
+    try:
+        url = make_url(app.config["DATABASE_URL"])
+    except Exception:  # an unparseable URL is reported, masked, where the engine is made
+        return
+    mariadb = url.get_backend_name() in ("mysql", "mariadb")
+    if mode and not mariadb:
+        raise ConfigError(f"DATABASE_GALERA={mode} needs a MariaDB DATABASE_URL (mysql+pymysql://...).")
+    if not mode and mariadb and "host" in url.query:
+        # Several nodes listed: a cluster, pinned to one writer node unless told otherwise.
+        app.config["DATABASE_GALERA"] = "pinned"
 
 
 _LAG_UNITS = {

@@ -80,8 +80,6 @@ def make_engine(
         url = url.update_query_dict({"charset": "utf8mb4"})
         if galera_mode:
             url, galera_nodes = galera.cluster_nodes(url)
-        elif "host" in url.query:
-            raise ValueError("a URL with host= entries is a Galera cluster: set DATABASE_GALERA too")
         connect_args["connect_timeout"] = connect_timeout
         if network_timeout:
             # PyMySQL waits on a socket read for as long as this: it must outlast the

@@ -44,28 +44,33 @@ def test_the_galera_settings_are_checked() -> None:
         make_app("mysql+pymysql://app@db1/site", DATABASE_GALERA="round-robin")
     with pytest.raises(ConfigError, match="DATABASE_GALERA_SYNC_WAIT"):
         make_app("mysql+pymysql://app@db1/site", DATABASE_GALERA="pinned", DATABASE_GALERA_SYNC_WAIT=16)
-    with pytest.raises(ConfigError, match="set DATABASE_GALERA"):
-        make_app("mysql+pymysql://app@db1/site?host=db2")
+    with pytest.raises(ConfigError, match="needs a MariaDB DATABASE_URL"):
+        make_app("postgresql+psycopg://app@db1/site", DATABASE_GALERA="pinned")
+
+
+def test_a_url_listing_several_nodes_is_a_cluster_pinned_by_default() -> None:
+    assert make_app("mysql+pymysql://app@db1/site?host=db2").config["DATABASE_GALERA"] == "pinned"
+    assert make_app("mysql+pymysql://app@db1/site?host=db2", DATABASE_GALERA="spread").config["DATABASE_GALERA"] == "spread"
+    assert make_app("mysql+pymysql://app@db1/site").config["DATABASE_GALERA"] == ""
 
 
 SYNCED = {"wsrep_ready": "ON", "wsrep_cluster_status": "Primary", "wsrep_local_state_comment": "Synced"}
 
 
 @pytest.mark.parametrize(
-    ("state", "for_a_new_connection", "for_a_pooled_one"),
+    ("state", "ready"),
     [
-        (SYNCED, True, True),
-        ({**SYNCED, "wsrep_local_state_comment": "Donor/Desynced"}, False, True),
-        ({**SYNCED, "wsrep_local_state_comment": "Joined"}, False, True),
+        (SYNCED, True),
+        ({**SYNCED, "wsrep_local_state_comment": "Donor/Desynced"}, False),
+        ({**SYNCED, "wsrep_local_state_comment": "Joined"}, False),
         ({"wsrep_ready": "OFF", "wsrep_cluster_status": "non-Primary", "wsrep_local_state_comment": "Initialized"},
-         False, False),
-        ({**SYNCED, "wsrep_ready": "OFF"}, False, False),
-        ({}, True, True),  # not a Galera node: a plain MariaDB behind the same URL
+         False),
+        ({**SYNCED, "wsrep_ready": "OFF"}, False),
+        ({}, True),  # not a Galera node: a plain MariaDB behind the same URL
     ],
 )
-def test_which_node_states_are_ready(state: dict[str, str], for_a_new_connection: bool, for_a_pooled_one: bool) -> None:
-    assert galera.is_ready(state) is for_a_new_connection
-    assert galera.is_ready(state, synced=False) is for_a_pooled_one
+def test_a_new_connection_goes_only_to_a_synced_node_of_the_primary_component(state: dict[str, str], ready: bool) -> None:
+    assert galera.is_ready(state) is ready
 
 
 def test_error_1047_counts_as_a_disconnect_and_other_errors_do_not() -> None:
@@ -87,6 +92,6 @@ def test_a_plain_mariadb_url_gets_no_galera_handling() -> None:
     from sqlalchemy import event
 
     assert not event.contains(engine, "handle_error", galera.node_not_ready_is_a_disconnect)
-    cluster = make_app("mysql+pymysql://app@db1/site?host=db2", DATABASE_GALERA="spread")
+    cluster = make_app("mysql+pymysql://app@db1/site?host=db2")
     assert event.contains(cluster.extensions["myapp.database"].engine, "handle_error",
                           galera.node_not_ready_is_a_disconnect)
