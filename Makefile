@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test lint migrate clean bench bench-replicas reliability
+.PHONY: run test lint migrate clean bench bench-replicas bench-galera reliability
 
 # Reinstall when the dependency list changes.
 $(STAMP): setup.cfg pyproject.toml
@@ -44,6 +44,12 @@ bench: $(BENCH_STAMP)
 bench-replicas: $(BENCH_STAMP)
 	command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || true
 	$(BIN)/python -m bench.replicas
+
+# MariaDB Galera (bench/galera.py): starts its own three-node cluster (needs mariadbd,
+# Debian's galera-4 and rsync), measures writes pinned to one node against spread over
+# the nodes, and causal reads, in process; adds its section to docs/performance.md.
+bench-galera: $(BENCH_STAMP)
+	$(BIN)/python -m bench.galera
 
 # The fault suite (pytest -m faults, scripts/reliability_report.py): writes
 # docs/reliability.md and docs/reliability.png. Needs the PostgreSQL and MariaDB test

@@ -1,14 +1,16 @@
 """Turn a run's results into ``docs/performance.md`` and ``docs/performance.png``.
 
 ``python -m bench.report`` rewrites both from ``bench/results/latest.json`` without
-measuring again; the hand-written part (what was tried, profiles) is ``bench/notes.md``.
+measuring again, with the sections of ``bench/replicas.py`` and ``bench/galera.py`` from
+their own results files (and the latter's chart); the hand-written part (what was tried,
+profiles) is ``bench/notes.md``.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ CHART = ROOT / "docs" / "performance.png"
 NOTES = ROOT / "bench" / "notes.md"
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 REPLICA_RESULTS = ROOT / "bench" / "results" / "replicas.json"  # bench/replicas.py
+GALERA_RESULTS = ROOT / "bench" / "results" / "galera.json"  # bench/galera.py
+GALERA_CHART = ROOT / "docs" / "performance-galera.png"
 
 APPS = (
     "myapp", "flask-sqlalchemy", "flask-docs", "psycopg", "bare-flask",
@@ -206,7 +210,146 @@ def replica_section(replicas: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write(results: dict[str, Any]) -> None:
+def _galera_by_mode(galera: dict[str, Any], test: str) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for cell in galera["cells"]:
+        if cell["test"] == test:
+            grouped[cell["mode"]].append(cell)
+    return grouped
+
+
+def _spread_over_pinned(cells: list[dict[str, Any]]) -> float | None:
+    """Median over rounds of spread/pinned acknowledged writes per second, each pair from one round."""
+    by_round: dict[int, dict[str, float]] = defaultdict(dict)
+    for cell in cells:
+        by_round[cell["repeat"]][cell["mode"]] = cell["acknowledged_per_second"]
+    ratios = [r["spread"] / r["pinned"] for r in by_round.values() if r.get("pinned") and "spread" in r]
+    return statistics.median(ratios) if ratios else None
+
+
+def galera_section(galera: dict[str, Any]) -> list[str]:
+    """Galera pinned against spread, and causal reads (``bench/galera.py``, a run of its own)."""
+    reads = galera["reads"]
+    lines = [
+        "",
+        "## Galera: pinned vs spread (MariaDB, a three-node cluster on this machine)",
+        "",
+        f"`{galera['command']}` ({galera['date']}, {galera['total_seconds']} s of which "
+        f"{galera['cluster_start_seconds']} s starting the cluster; `bench/galera.py`; "
+        f"{galera['versions']['server']}, Galera {galera['versions']['galera']}). In process: Flask test "
+        f"clients in {galera['threads']} threads, one app with `DATABASE_GALERA=pinned` (every connection on "
+        "node 1) and one with `spread` (new connections rotate over the nodes; the pool hands them out in turn), "
+        f"{galera['rounds']} rounds alternating which mode goes first, each cell capped at "
+        f"{galera['cell_seconds_cap']:g} s. Conflicting edits: every thread edits the same post "
+        f"{galera['edits_per_thread']} times (the form, then the save with the version it read; 302 is "
+        "acknowledged, 409 a conflict the user is shown). New posts: every thread publishes "
+        f"{galera['posts_per_thread']} posts as its own author. Certification failures and brute-force aborts "
+        "are the deltas of `wsrep_local_cert_failures` and `wsrep_local_bf_aborts` summed over the nodes; "
+        "retries are `db.retrying()`'s log records. The three nodes and the threads share the same 2 cores: "
+        "spreading adds no capacity here, so the figures show what the conflicts cost, not what three hosts "
+        "would give.",
+        "",
+        f"![Galera: acknowledged writes per second, pinned and spread; causal reads]({GALERA_CHART.name})",
+        "",
+        "| writes | mode | acknowledged/s (median) | spread / pinned | acknowledged | 409 | cert failures "
+        "| bf aborts | retries | 5xx | checkouts by node |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for test, label in (("conflicting edits", "one post edited by every thread"),
+                        ("new posts", "new posts, one author per thread")):
+        grouped = _galera_by_mode(galera, test)
+        ratio_text = _fmt(_spread_over_pinned([c for cells in grouped.values() for c in cells]))
+        for mode, cells in grouped.items():
+            nodes: Counter[str] = Counter()
+            for cell in cells:
+                nodes.update(cell["checkouts_by_node"])
+            total = sum(nodes.values()) or 1
+            spread = ", ".join(f"{node} {100 * n / total:.0f}%" for node, n in sorted(nodes.items()))
+            lines.append(
+                f"| {label} | {mode} | {statistics.median(c['acknowledged_per_second'] for c in cells):.1f} | "
+                f"{ratio_text if mode == 'spread' else ''} | "
+                + " | ".join(str(sum(c[key] for c in cells)) for key in (
+                    "acknowledged", "conflicts_409", "cert_failures", "bf_aborts", "retries", "server_errors"))
+                + f" | {spread} |"
+            )
+    mismatched = [c for c in galera["cells"] if c["test"] == "conflicting edits" and not c.get("versions_match")]
+    lines += [
+        "",
+        "Every conflicting-edits cell ends with the post's version equal to 1 + its acknowledged edits "
+        "(no acknowledged edit lost or doubled)"
+        + (": yes." if not mismatched else f": **no**, in {len(mismatched)} cells."),
+        "",
+        f"Causal reads (`GET /posts/<id>` on node 1, pinned, in process; batches of {reads['batch']} random "
+        f"existing ids alternating between the three apps in random order, median of {reads['batches']}). "
+        "The reference app reaches node 1 by a plain URL: no Galera handling, so no readiness check "
+        "(`SHOW GLOBAL STATUS`) at checkout and the server's `wsrep_sync_wait` (0). Under writes, one more "
+        "thread publishes posts through node 2 meanwhile, so that node 1 has writesets to apply "
+        "before a causal read may run:",
+        "",
+        "| cluster | app | µs/request | sync_wait 1 / 0 | sync_wait 1 / no Galera handling |",
+        "|---|---|--:|--:|--:|",
+    ]
+    for condition in reads["conditions"]:
+        label = condition["condition"]
+        if condition.get("background_writes"):
+            label += f" ({condition['background_writes']} posts, {condition['background_errors']} failed)"
+        for n, case in enumerate(condition["cases"]):
+            ratios = f"{condition['ratio']:.2f} | {condition['ratio_to_plain']:.2f}" if n == 0 else " | "
+            lines.append(f"| {label if n == 0 else ''} | `{case['case']}` | {case['us_per_request']} | {ratios} |")
+    return lines
+
+
+def galera_chart(galera: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"pinned": "#1f6feb", "spread": "#d29922"}
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for axis, test in zip(axes, ("conflicting edits", "new posts")):
+        grouped = _galera_by_mode(galera, test)
+        modes = list(grouped)
+        values = [statistics.median(c["acknowledged_per_second"] for c in grouped[mode]) for mode in modes]
+        bars = axis.bar(range(len(modes)), values, color=[colours.get(mode, "#8b949e") for mode in modes])
+        for position, mode in enumerate(modes):  # each round's figure
+            axis.plot([position] * len(grouped[mode]), [c["acknowledged_per_second"] for c in grouped[mode]],
+                      "o", color="black", markersize=3)
+        axis.set_xticks(range(len(modes)), modes, fontsize=8)
+        axis.set_title(f"{test}: acknowledged/s", fontsize=9)
+        for bar, value, mode in zip(bars, values, modes):  # inside the bar, clear of the dots
+            cert = sum(c["cert_failures"] for c in grouped[mode])
+            axis.annotate(f"{value:.1f}/s\n{cert} cert failures", (bar.get_x() + bar.get_width() / 2, value * 0.1),
+                          ha="center", va="bottom", fontsize=7, color="white")
+        axis.margins(y=0.1)
+        axis.tick_params(axis="y", labelsize=8)
+    conditions = galera["reads"]["conditions"]
+    cases = [case["case"] for case in conditions[0]["cases"]]
+    width = 0.8 / len(cases)
+    shades = ["#2da44e", "#8b949e", "#d0d7de"]
+    for n, case in enumerate(cases):
+        values = [condition["cases"][n]["us_per_request"] for condition in conditions]
+        positions = [c + (n - (len(cases) - 1) / 2) * width for c in range(len(conditions))]
+        bars = axes[2].bar(positions, values, width, label=case, color=shades[n % len(shades)])
+        for bar, value in zip(bars, values):
+            axes[2].annotate(f"{value}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
+                             fontsize=6)
+    axes[2].set_xticks(range(len(conditions)), ["idle" if c["condition"] == "idle cluster" else "under writes"
+                                                for c in conditions], fontsize=8)
+    axes[2].set_title("GET /posts/<id>, node 1: µs/request (median)", fontsize=9)
+    axes[2].legend(fontsize=6, loc="upper left")
+    axes[2].margins(y=0.15)
+    axes[2].tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"MariaDB Galera, 3 nodes on one 2-core machine, {galera['threads']} threads in process "
+                 f"(dots: each of {galera['rounds']} rounds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(GALERA_CHART, dpi=110)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any], main_chart: bool = True) -> None:
+    """The whole document from every results file; ``main_chart=False`` leaves
+    ``performance.png`` as the last ``make bench`` drew it (a run of another bench)."""
     settings, machine = results["settings"], results["machine"]
     lines = [
         "# Performance",
@@ -308,13 +451,19 @@ def write(results: dict[str, Any]) -> None:
             lines += [line for line in table(results, backend, ("myapp",))]
     if REPLICA_RESULTS.exists():
         lines += replica_section(json.loads(REPLICA_RESULTS.read_text()))
+    galera = json.loads(GALERA_RESULTS.read_text()) if GALERA_RESULTS.exists() else None
+    if galera is not None:
+        lines += galera_section(galera)
     for note in results.get("notes", []):
         lines += ["", f"Note: {note}"]
     if NOTES.exists():
         lines += ["", NOTES.read_text().strip()]
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text("\n".join(lines) + "\n")
-    chart(results)
+    if main_chart:
+        chart(results)
+    if galera is not None:
+        galera_chart(galera)
 
 
 if __name__ == "__main__":
