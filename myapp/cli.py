@@ -192,9 +192,15 @@ def user_create(username: str, password: str) -> None:
     username, password = _validated_credentials(username, password)
     if db.session.scalar(select(User.id).where(User.username == username)) is not None:
         raise click.ClickException(f"the username {username!r} is already taken")
-    try:
+    password_hash = generate_password_hash(password)
+
+    @db.retrying()
+    def add_user() -> None:
         with db.transaction() as session:
-            session.add(User(username=username, password_hash=generate_password_hash(password)))
+            session.add(User(username=username, password_hash=password_hash))
+
+    try:
+        add_user()
     except IntegrityError:
         raise click.ClickException(f"the username {username!r} is already taken") from None
     click.echo(f"Created user {username}.")
@@ -226,15 +232,32 @@ def user_list() -> None:
 def user_set_password(username: str, password: str) -> None:
     """Replace a user's password."""
     username, password = _validated_credentials(username, password)
-    user = db.session.scalar(select(User).where(User.username == username))
-    if user is None:
-        raise click.ClickException(f"no user named {username!r}")
-    with db.transaction():
-        user.password_hash = generate_password_hash(password)
+    password_hash = generate_password_hash(password)
+
+    @db.retrying()
+    def replace_hash() -> None:
+        user = db.session.scalar(select(User).where(User.username == username))
+        if user is None:
+            raise click.ClickException(f"no user named {username!r}")
+        with db.transaction():
+            user.password_hash = password_hash
+
+    replace_hash()
     click.echo(f"Password of {username} changed.")
 
 
 # -- flask seed ---------------------------------------------------------------------
+
+
+def _insert_batch(model: type[User] | type[Post], rows: list[dict[str, Any]]) -> None:
+    """One batch, one transaction, re-run whole on a certification failure or deadlock."""
+
+    @db.retrying()
+    def insert_rows() -> None:
+        with db.transaction() as session:
+            session.execute(insert(model), rows)
+
+    insert_rows()
 
 SEED_PASSWORD = "seed-password"
 _SEED_BATCH = 500
@@ -260,8 +283,7 @@ def seed(user_count: int, post_count: int) -> None:
                 {"username": f"{prefix}{start + i + 1}", "password_hash": password_hash, "created_at": utcnow()}
                 for i in range(size)
             ]
-            with db.transaction() as session:
-                session.execute(insert(User), rows)
+            _insert_batch(User, rows)
             bar.update(size)
 
     author_ids = list(db.session.scalars(select(User.id)))
@@ -282,8 +304,7 @@ def seed(user_count: int, post_count: int) -> None:
                 }
                 for i in range(size)
             ]
-            with db.transaction() as session:
-                session.execute(insert(Post), rows)
+            _insert_batch(Post, rows)
             bar.update(size)
     if user_count:
         click.echo(f"Seeded users share the password {SEED_PASSWORD!r}.")

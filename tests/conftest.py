@@ -17,14 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pymysql
 import pytest
 from flask import Flask, has_app_context
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, delete, event, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
 
 from myapp import create_app
 from myapp.db import Base, db
+from myapp.db.session import AppSession
 
 BACKENDS = {"sqlite": None, "postgresql": "TEST_POSTGRES_URL", "mysql": "TEST_MYSQL_URL"}
 SECRET_KEY = "test-secret-key-" + "x" * 32
@@ -264,6 +267,40 @@ class AuthActions:
 @pytest.fixture
 def auth(client: FlaskClient) -> AuthActions:
     return AuthActions(client)
+
+
+class CertificationFailures:
+    """Make the next ``n`` commits of any app session fail the way a Galera node aborts
+    a transaction that lost certification: MariaDB error 1213 at COMMIT, nothing saved.
+
+    On every backend, so that each write path is shown to re-run its whole unit of
+    work; the real thing is fault scenario 15 (tests/faults/test_galera.py).
+    """
+
+    def __init__(self) -> None:
+        self.remaining = 0
+        self.raised = 0
+
+    def next(self, count: int) -> None:
+        self.remaining = count
+
+    def before_commit(self, session: Any) -> None:
+        if self.remaining > 0:
+            self.remaining -= 1
+            self.raised += 1
+            raise OperationalError(
+                "COMMIT", {}, pymysql.err.OperationalError(1213, "Deadlock: wsrep aborted transaction")
+            )
+
+
+@pytest.fixture
+def certification_failures() -> Iterator[CertificationFailures]:
+    failures = CertificationFailures()
+    event.listen(AppSession, "before_commit", failures.before_commit)
+    try:
+        yield failures
+    finally:
+        event.remove(AppSession, "before_commit", failures.before_commit)
 
 
 _COUNTED = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|WITH)\b", re.IGNORECASE)

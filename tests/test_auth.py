@@ -18,7 +18,7 @@ from myapp.auth import BAD_LOGIN, USERNAME_TAKEN
 from myapp.db import db
 from myapp.models import User
 
-from .conftest import AuthActions
+from .conftest import AuthActions, CertificationFailures
 
 _FIELD_BLOCK = re.compile(
     r'<div class="field( has-error)?">\s*<label for="(?P<name>\w+)">(?P<inner>.*?)</div>', re.DOTALL
@@ -71,6 +71,16 @@ def test_register_normalises_the_username(app: Flask, auth: AuthActions, typed: 
     # The last one is "ᴬᴸᴵᶜᴱ" (modifier letters), which NFKC folds to "ALICE".
     assert auth.register(typed).status_code == 302
     assert [name for name, _ in accounts(app)] == ["alice"]
+
+
+def test_register_is_rerun_whole_after_a_certification_failure(
+    app: Flask, auth: AuthActions, certification_failures: CertificationFailures
+) -> None:
+    certification_failures.next(1)
+    assert auth.register("alice").status_code == 302
+    assert certification_failures.raised == 1
+    assert [name for name, _ in accounts(app)] == ["alice"]
+    assert auth.login("alice").status_code == 302
 
 
 @pytest.mark.parametrize("second", ["Alice", "ALICE", "alice ", " alice"])

@@ -21,7 +21,7 @@ from myapp.db import db
 from myapp.db.errors import mask_url
 from myapp.models import Post, User
 
-from .conftest import SECRET_KEY, UNREACHABLE_URLS, Backend
+from .conftest import SECRET_KEY, UNREACHABLE_URLS, Backend, CertificationFailures
 
 FLASK = Path(sys.executable).with_name("flask")
 PASSWORD = "correct horse"
@@ -66,6 +66,19 @@ def test_user_create_stores_a_hashed_normalised_user(app: Flask, runner: Any) ->
     password_hash = stored["alice"].password_hash
     assert PASSWORD not in password_hash
     assert check_password_hash(password_hash, PASSWORD)
+
+
+def test_user_create_and_set_password_are_rerun_whole_after_a_certification_failure(
+    app: Flask, runner: Any, certification_failures: CertificationFailures
+) -> None:
+    certification_failures.next(1)
+    assert create_user(runner, "alice").exit_code == 0
+    certification_failures.next(1)
+    result = runner.invoke(args=["user", "set-password", "alice", "--password", "another password"])
+    assert result.exit_code == 0, result.output
+    assert certification_failures.raised == 2
+    stored = users(app)
+    assert list(stored) == ["alice"] and check_password_hash(stored["alice"].password_hash, "another password")
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from myapp.db import AppSession, db
 from myapp.models import Post, User
 from myapp.posts import BODY_MAX_LENGTH
 
-from .conftest import AuthActions, assert_num_queries
+from .conftest import AuthActions, CertificationFailures, assert_num_queries
 
 # The longest body in bytes: 20,000 four-byte characters, 80,000 bytes (over TEXT on MariaDB).
 _LARGEST_BODY = "\U0001f600" * BODY_MAX_LENGTH
@@ -514,3 +514,36 @@ def test_markup_in_posts_is_escaped_everywhere(client: FlaskClient, auth: AuthAc
         assert "<script>alert(1)" not in page, path
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page, path
         assert "<img src=x" not in page, path
+
+
+def test_every_write_is_rerun_whole_after_a_certification_failure(
+    app: Flask, client: FlaskClient, auth: AuthActions, certification_failures: CertificationFailures
+) -> None:
+    """Publish, edit and delete each lose their first commit (error 1213, as on Galera)
+    and succeed on the retry: one post, one edit, then none; no 5xx."""
+    auth.register_and_login()
+    certification_failures.next(1)
+    post_id = write(client, "Hello", "First post.")
+    assert certification_failures.raised == 1
+    assert stored_posts(app) == [("Hello", "First post.", "alice", 1)]
+
+    certification_failures.next(1)
+    edited = client.post(f"/posts/{post_id}/edit", data={"title": "Again", "body": "Edited.", "version": "1"})
+    assert edited.status_code == 302 and certification_failures.raised == 2
+    assert stored_posts(app) == [("Again", "Edited.", "alice", 2)]
+
+    certification_failures.next(1)
+    assert client.post(f"/posts/{post_id}/delete").status_code == 302
+    assert certification_failures.raised == 3
+    assert stored_posts(app) == []
+
+
+def test_negative_control_a_write_that_keeps_losing_certification_is_a_503_that_saved_nothing(
+    app: Flask, client: FlaskClient, auth: AuthActions, certification_failures: CertificationFailures
+) -> None:
+    auth.register_and_login()
+    certification_failures.next(3)  # db.retrying() runs a unit at most 3 times
+    response = client.post("/posts/new", data={"title": "Hello", "body": "Lost."})
+    assert response.status_code == 503
+    assert certification_failures.raised == 3
+    assert stored_posts(app) == []

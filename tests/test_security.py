@@ -32,7 +32,7 @@ from myapp.db import db
 from myapp.models import Post, RateLimit, User
 from myapp.security import TOO_MANY_LOGINS, DatabaseStorage
 
-from .conftest import SECRET_KEY, AuthActions, Backend, count_queries, make_app
+from .conftest import SECRET_KEY, AuthActions, Backend, CertificationFailures, count_queries, make_app
 from .test_gunicorn import GUNICORN, ROOT, csrf_token, free_port, start_gunicorn, stop_gunicorn
 
 PASSWORD = "correct horse"
@@ -223,6 +223,18 @@ def test_failed_logins_are_limited_per_client_address(app: Flask, client: FlaskC
     assert elsewhere.status_code == 302
     assert is_logged_in(client)
     assert address_counters(app) == {"address:127.0.0.1": 5}  # a success adds no counter
+
+
+@limits_on()
+def test_a_failed_login_is_counted_once_when_its_count_loses_certification(
+    app: Flask, client: FlaskClient, certification_failures: CertificationFailures
+) -> None:
+    """The counter's upsert loses its first commit (error 1213, as on Galera) and is
+    re-run whole: each bucket counts the attempt once, neither twice nor not at all."""
+    certification_failures.next(1)
+    assert login(client, "nobody", "wrong password").status_code == 200
+    assert certification_failures.raised == 1
+    assert stored_counters(app) == {"username:nobody": 1, "address:127.0.0.1": 1}
 
 
 @limits_on()
