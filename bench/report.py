@@ -282,7 +282,7 @@ def galera_section(galera: dict[str, Any]) -> list[str]:
         f"Causal reads (`GET /posts/<id>` on node 1, pinned, in process; batches of {reads['batch']} random "
         f"existing ids alternating between the three apps in random order, median of {reads['batches']}). "
         "The reference app reaches node 1 by a plain URL: no Galera handling, so no readiness check "
-        "(`SHOW GLOBAL STATUS`) at checkout and the server's `wsrep_sync_wait` (0). Under writes, one more "
+        "(`DO 1`, refused by a node that is not ready) at checkout and the server's `wsrep_sync_wait` (0). Under writes, one more "
         "thread publishes posts through node 2 meanwhile, so that node 1 has writesets to apply "
         "before a causal read may run:",
         "",
