@@ -17,14 +17,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pymysql
 from sqlalchemy.engine import URL
@@ -44,7 +42,6 @@ class GaleraNode(MariaDBServer):
         self.group_port = free_port()
         self.ist_port = free_port()
         self.sst_port = free_port()
-        self.socket = root / "mariadbd.sock"
         self.config = root / "my.cnf"
         self.cluster_address = ""
 
@@ -140,25 +137,6 @@ class GaleraNode(MariaDBServer):
 
     # -- observing -------------------------------------------------------------------
 
-    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        """One statement as root over the Unix socket, in autocommit; its rows."""
-        # PyMySQL leaks its socket when a Unix-socket connect fails (an error under this
-        # suite's filterwarnings): try the socket first, as NamespacedMariaDB does.
-        with socket.socket(socket.AF_UNIX) as probe:
-            probe.settimeout(2)
-            try:
-                probe.connect(str(self.socket))
-            except OSError as error:
-                raise pymysql.err.OperationalError(2002, f"{self.socket} does not accept connections") from error
-        connection = pymysql.connect(unix_socket=str(self.socket), user="root", autocommit=True,
-                                     connect_timeout=5, read_timeout=30)
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params or None)
-                return list(cursor.fetchall())
-        finally:
-            connection.close()
-
     def status(self, name: str) -> str | None:
         rows = self.query("SHOW GLOBAL STATUS LIKE %s", name)
         return str(rows[0][1]) if rows else None
@@ -225,12 +203,11 @@ class GaleraCluster:
                 continue
         return 0
 
-    def story(self, lines: int = 25) -> str:
-        """What each node logged about the group lately: views, components, states."""
-        words = ("view", "Primary", "state", "suspect", "partition", "quorum", "SYNCED", "JOINED", "left")
+    def story(self, lines: int = 60) -> str:
+        """What each node logged lately, client noise left out: for a failing test's message."""
         parts = []
         for node in self.nodes:
-            logged = [line for line in node.log_tail_all() if any(word in line for word in words)]
+            logged = [line for line in node.log_tail_all() if "Aborted connection" not in line]
             parts.append(f"--- {node.name_in_cluster} ({node.state()}):\n" + "\n".join(logged[-lines:]))
         return "\n".join(parts)
 

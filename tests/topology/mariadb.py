@@ -10,13 +10,11 @@ its Unix socket, which a partition does not cut.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pymysql
 from sqlalchemy import Engine, create_engine
@@ -35,7 +33,6 @@ class NamespacedMariaDB(MariaDBServer, Partitionable):
     def __init__(self, root: Path, netns: NetNamespace) -> None:
         super().__init__(root)
         self.netns = netns
-        self.socket = root / "mariadbd.sock"
 
     @property
     def address(self) -> str:
@@ -70,32 +67,8 @@ class NamespacedMariaDB(MariaDBServer, Partitionable):
         return create_engine(self.control_url(self.admin_database), isolation_level="AUTOCOMMIT",
                              poolclass=NullPool)
 
-    def _socket_accepts(self) -> bool:
-        # PyMySQL leaks its socket when a Unix-socket connect fails (a ResourceWarning,
-        # an error under this suite's filterwarnings): try the socket ourselves first.
-        with socket.socket(socket.AF_UNIX) as probe:
-            probe.settimeout(2)
-            try:
-                probe.connect(str(self.socket))
-                return True
-            except OSError:
-                return False
-
     def is_up(self) -> bool:
         return self._socket_accepts() and super().is_up()
-
-    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        """Run one statement as root over the Unix socket; its rows."""
-        if not self._socket_accepts():
-            raise pymysql.err.OperationalError(2002, f"{self.socket} does not accept connections")
-        connection = pymysql.connect(unix_socket=str(self.socket), user="root", autocommit=True,
-                                     connect_timeout=5)
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params or None)
-                return list(cursor.fetchall())
-        finally:
-            connection.close()
 
     def allow_host(self) -> None:
         """root may connect from the host end of the veth pair (the only client address)."""
