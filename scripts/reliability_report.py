@@ -139,7 +139,9 @@ def write_doc(figures: list[dict[str, Any]], run: Run | None, chart: bool) -> No
     lines += [
         f"- Figures: {len(figures)}; at their goal: {len(figures) - len(missed)}; missed: {len(missed)}.",
         "- Servers: scenarios 1-3 run on throwaway PostgreSQL and MariaDB servers the tests start",
-        "  themselves (`tests/faults/servers.py`); the others on the shared test servers.",
+        "  themselves (`tests/faults/servers.py`); 11-15 on throwaway topologies they start once per",
+        "  session (`tests/topology/`: standbys, PgBouncer, network namespaces, a three-node",
+        "  MariaDB Galera cluster); the others on the shared test servers.",
         "- The worker-RSS figures of scenario 5 come from `scripts/soak.py` (one gunicorn",
         "  worker, 50,000 requests after a warm-up) on SQLite and PostgreSQL, run by the same command.",
         "",
