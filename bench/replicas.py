@@ -34,6 +34,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL
 
 from bench import loadgen
+from myapp.db.replication import Replicas
+
 from bench.run import DATABASE, SECRET_KEY, log, migrate_and_seed, start_server, stop_server, throwaway_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,8 +76,8 @@ def _count_statements(app: Flask) -> Counter[str]:
     counts: Counter[str] = Counter()
     state = app.extensions["myapp.database"]
     event.listen(state.engine, "before_cursor_execute", lambda *args: counts.update(["primary"]))
-    if state.replicas is not None:
-        for replica in state.replicas.replicas:
+    if state.feature(Replicas) is not None:
+        for replica in state.feature(Replicas).replica_set.replicas:
             event.listen(replica.engine, "before_cursor_execute",
                          lambda *args, name=replica.name: counts.update([name]))
     return counts
@@ -90,7 +92,7 @@ def check_cost(url: URL, standby: URL, max_id: int, batches: int = 30, batch: in
     base = {"DATABASE_URL": url, "SECRET_KEY": SECRET_KEY, "WTF_CSRF_ENABLED": False}
     plain = create_app(base)
     replicated = create_app({**base, "DATABASE_REPLICA_URLS": standby.render_as_string(hide_password=False)})
-    replica_set = replicated.extensions["myapp.database"].replicas
+    replica_set = replicated.extensions["myapp.database"].feature(Replicas).replica_set
     replica_set.check()
     primary_lsn = replica_set.replicas[0].replay_lsn
     cases: dict[str, tuple[Flask, int | None]] = {

@@ -7,24 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import click
 from flask import Flask
 from limits import parse_many
-from sqlalchemy.engine import make_url
 
+from .db.config import ConfigError, DatabaseSettings
 
-class ConfigError(click.ClickException):
-    """A setting is missing or invalid; the message names the setting to fix.
-
-    A ClickException, so that the ``flask`` command, which builds the app before it
-    runs any command, prints it as one ``Error:`` line and exits 1 instead of
-    showing a traceback.
-    """
+__all__ = ["ConfigError", "DEFAULTS", "ENVIRONMENT_SETTINGS", "check_settings", "load_config"]
 
 
 def _as_bool(value: str) -> bool:
@@ -181,18 +173,18 @@ def load_config(app: Flask, test_config: Mapping[str, Any] | None) -> None:
         app.config.from_mapping(test_config)
     _check_secret_key(app)
     _check_rate_limits(app)
-    _check_pgbouncer(app)
-    _check_replicas(app)
-    _check_galera(app)
 
 
 def check_settings() -> None:
     """Load the settings as ``create_app`` would and raise ConfigError if one is wrong.
 
     For a server's master process (gunicorn's ``on_starting``), so that it refuses to
-    start in one line instead of every worker failing with a traceback.
+    start in one line instead of every worker failing with a traceback. The database
+    settings are checked by parsing them, as ``db.init_app`` does.
     """
-    load_config(Flask("myapp", instance_relative_config=True), None)
+    app = Flask("myapp", instance_relative_config=True)
+    load_config(app, None)
+    DatabaseSettings.from_config(app.config, app.instance_path, debug=app.debug, testing=app.testing)
 
 
 # Top-level migrations/ in the source tree; setup.cfg installs it as this package.
@@ -251,79 +243,3 @@ def _check_rate_limits(app: Flask) -> None:
                 f"{name} is invalid: {app.config[name]!r}; write it like \"5 per minute\" "
                 'or "5 per minute;20 per hour".'
             ) from None
-
-
-def _check_pgbouncer(app: Flask) -> None:
-    mode = app.config["DATABASE_PGBOUNCER"] or ""
-    if mode not in ("", "session", "transaction"):
-        raise ConfigError(
-            f"DATABASE_PGBOUNCER is invalid: {mode!r}; use \"transaction\" behind PgBouncer's "
-            "transaction pooling, or leave it empty."
-        )
-
-
-def _check_galera(app: Flask) -> None:
-    mode = app.config["DATABASE_GALERA"] or ""
-    if mode not in ("", "pinned", "spread"):
-        raise ConfigError(
-            f"DATABASE_GALERA is invalid: {mode!r}; use \"pinned\" or \"spread\" for a Galera "
-            "cluster, or leave it empty."
-        )
-    if not 0 <= int(app.config["DATABASE_GALERA_SYNC_WAIT"]) <= 15:
-        raise ConfigError("DATABASE_GALERA_SYNC_WAIT must be a wsrep_sync_wait bit mask from 0 to 15.")
-    try:
-        url = make_url(app.config["DATABASE_URL"])
-    except Exception:  # an unparseable URL is reported, masked, where the engine is made
-        return
-    mariadb = url.get_backend_name() in ("mysql", "mariadb")
-    if mode and not mariadb:
-        raise ConfigError(f"DATABASE_GALERA={mode} needs a MariaDB DATABASE_URL (mysql+pymysql://...).")
-    if not mode and mariadb and "host" in url.query:
-        # Several nodes listed: a cluster, pinned to one writer node unless told otherwise.
-        app.config["DATABASE_GALERA"] = "pinned"
-
-
-_LAG_UNITS = {
-    "ms": ("seconds", 0.001), "s": ("seconds", 1.0), "min": ("seconds", 60.0), "h": ("seconds", 3600.0),
-    "b": ("bytes", 1), "kb": ("bytes", 1024), "mb": ("bytes", 1024**2), "gb": ("bytes", 1024**3),
-    "tb": ("bytes", 1024**4),
-}
-_LAG_PART = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
-
-
-def parse_max_lag(value: str) -> tuple[float | None, int | None]:
-    """``"10s, 16MB"`` -> (10.0, 16777216): the time and size limits, either may be None."""
-    limits: dict[str, float] = {}
-    for part in str(value).split(","):
-        match = _LAG_PART.match(part)
-        unit = _LAG_UNITS.get(match.group(2).lower()) if match else None
-        if match is None or unit is None or unit[0] in limits:
-            raise ValueError(f"{value!r}: write a time, a size or both, like \"10s, 16MB\"")
-        limits[unit[0]] = float(match.group(1)) * unit[1]
-    size = limits.get("bytes")
-    return limits.get("seconds"), int(size) if size is not None else None
-
-
-def replica_urls(value: Any) -> list[str]:
-    """DATABASE_REPLICA_URLS as a list: a list as it is, a string split on commas and spaces."""
-    if not value:
-        return []
-    if isinstance(value, str):
-        return [url for url in re.split(r"[\s,]+", value) if url]
-    return [str(url) for url in value]
-
-
-def _check_replicas(app: Flask) -> None:
-    urls = replica_urls(app.config["DATABASE_REPLICA_URLS"])
-    try:
-        parse_max_lag(app.config["DATABASE_REPLICA_MAX_LAG"])
-    except ValueError as error:
-        raise ConfigError(f"DATABASE_REPLICA_MAX_LAG is invalid: {error}") from None
-    if float(app.config["DATABASE_REPLICA_CHECK_INTERVAL"]) <= 0:
-        raise ConfigError("DATABASE_REPLICA_CHECK_INTERVAL must be a positive number of seconds.")
-    for url in [app.config["DATABASE_URL"], *urls] if urls else []:
-        if not str(url).startswith("postgresql"):
-            raise ConfigError(
-                "DATABASE_REPLICA_URLS needs PostgreSQL for the primary and every replica (read-your-writes "
-                f"compares WAL positions); got {str(url).split(':', 1)[0]!r}."
-            )

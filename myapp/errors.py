@@ -9,8 +9,7 @@ from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
 from .db import db
-from .db.breaker import DatabaseUnavailable
-from .db.errors import describe_error, unavailable_reason
+from .db.errors import DatabaseUnavailable, describe_error, unavailable_reason
 from .db.routing import ReplicaWriteError
 
 log = logging.getLogger(__name__)

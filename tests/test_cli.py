@@ -16,6 +16,7 @@ from flask import Flask
 from sqlalchemy import func, select
 from werkzeug.security import check_password_hash
 
+from myapp.db.breaker import Guards
 from myapp.cli import alembic_config
 from myapp.db import db
 from myapp.db.errors import mask_url
@@ -212,7 +213,7 @@ def test_db_status_names_backend_url_revision_and_ping(app: Flask, runner: Any) 
 
 @pytest.mark.real_commits  # on SQLite the isolating transaction would hold the write lock
 def test_db_status_shows_an_open_breaker_and_why(app: Flask, runner: Any) -> None:
-    breaker = app.extensions["myapp.database"].breaker
+    breaker = app.extensions["myapp.database"].feature(Guards).breaker
     for _ in range(breaker.threshold):
         breaker.record_failure(RuntimeError("no answer"))
     result = runner.invoke(args=["db", "status"])

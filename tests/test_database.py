@@ -436,6 +436,8 @@ def test_negative_control_thread_local_registry_loses_the_outer_write(
     """The harness can fail: keyed on the thread, the inner teardown discards the write."""
     thread_keyed = ScopedRegistry(db.session.registry.createfunc, threading.get_ident)
     monkeypatch.setattr(db.session, "registry", thread_keyed)
+    # The teardown finds the context's session through the registry alone, as such a design would.
+    monkeypatch.setattr(db, "_current_session", lambda: db.session() if thread_keyed.has() else None)
 
     @app.post("/_test/nested")
     def nested() -> str:

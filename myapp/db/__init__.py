@@ -1,5 +1,5 @@
 """The database layer. Views and commands need only ``db`` (and models ``Base``);
-``lifecycle`` is where a reader starts."""
+``lifecycle`` is where a reader starts, ``features`` lists what it switches on."""
 
 from .base import Base
 from .lifecycle import Database, db

@@ -14,24 +14,31 @@ load balancer then declares the whole site dead. So:
   probes the database with a fresh connection. Its success closes the breaker; its
   failure keeps it open for another period.
 
-The lifecycle asks both when a context first uses ``db.session``; the engine's events
-report each statement's outcome.
+``Guards`` is the feature: it asks both when a context's session is born (the slot
+first: a probe waits on the database too), and the engine's events report each wait
+and each statement's outcome. ``HealthMethods`` gives ``db`` its ping and breaker status.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from .errors import describe_error
+from .bulkhead import Bulkhead
+from .errors import DatabaseUnavailable, describe_error
+from .session import AppSession
+from .state import AppState, StateAccess, state_of
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .config import DatabaseSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +49,6 @@ State = Literal["closed", "open", "probing"]
 # thread, and the next request may already succeed: opening the breaker would only
 # turn that request away.
 SLOW_FAILURE_SECONDS = 0.5
-
-
-class DatabaseUnavailable(SQLAlchemyError):
-    """The request was refused before it reached the database (a 503 page)."""
-
-    def __init__(self, reason: Literal["unreachable", "busy"], detail: str, retry_after: float) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.retry_after = max(1, math.ceil(retry_after))
 
 
 class Breaker:
@@ -83,12 +81,17 @@ class Breaker:
         try:
             self._probe()
         except SQLAlchemyError as error:
-            with self._lock:
-                self.state, self.opened_at = "open", time.monotonic()
-                self.last_error = describe_error(error)
-            log.warning("database probe failed (%s); circuit stays open", self.last_error)
+            self._reopen(describe_error(error))
             raise self._refusal(self.reset_seconds) from None
+        except BaseException as error:  # a bug or an interrupt: the next request probes again
+            self._reopen(f"the probe raised {type(error).__name__}: {error}")
+            raise
         self._close("the probe answered")
+
+    def _reopen(self, why: str) -> None:
+        with self._lock:
+            self.state, self.opened_at, self.last_error = "open", time.monotonic(), why
+        log.warning("database probe failed (%s); circuit stays open", why)
 
     def record_success(self) -> None:
         if self.failures:
@@ -123,104 +126,86 @@ class Breaker:
         )
 
 
-class _Slot:
-    """One holder of the bulkhead: since when it waits on the database (None: it is busy
-    with something else, a template or a password hash)."""
-
-    __slots__ = ("waiting_since",)
-
-    def __init__(self) -> None:
-        self.waiting_since: float | None = time.monotonic()  # on its way: ping, connect
+def ping_once(engine: Engine) -> None:
+    """``SELECT 1`` over a connection of ``engine`` (the probe engine: a fresh one)."""
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
 
 
-class Bulkhead:
-    """At most ``limit`` threads of this process use the database at once.
+class Guards:
+    """The feature: the breaker and the bulkhead, either of which may be off."""
 
-    A request over the cap waits for a slot (at most ``max_wait``), unless every holder
-    has been waiting on the database for ``timeout`` or more: then the database is
-    stuck, and the request is refused at once instead of taking the thread kept free
-    for /healthz. A holder that is busy with work of its own (hashing a password,
-    rendering) is not stuck, so a burst of slow requests queues instead of failing.
-    ``watch`` keeps each holder's waiting time from the engine's events.
-    """
+    def __init__(self, settings: DatabaseSettings) -> None:
+        self.breaker_settings = settings.breaker
+        self.bulkhead = Bulkhead.from_settings(settings.bulkhead) if settings.bulkhead else None
+        self.breaker: Breaker | None = None
 
-    def __init__(self, limit: int, timeout: float, max_wait: float) -> None:
-        self.limit = limit
-        self.timeout = timeout
-        self.max_wait = max_wait
-        self._changed = threading.Condition()
-        self._held: dict[int, _Slot] = {}
-        self._tokens = itertools.count()
-        self._mine = threading.local()
+    @classmethod
+    def build(cls, settings: DatabaseSettings) -> Guards | None:
+        return cls(settings) if settings.breaker or settings.bulkhead else None
 
-    def acquire(self) -> Callable[[], None]:
-        """Take a slot; return the function that gives it back (once)."""
-        deadline = time.monotonic() + self.max_wait
-        with self._changed:
-            while len(self._held) >= self.limit:
-                now = time.monotonic()
-                if self._all_stuck(now) or now >= deadline:
-                    raise DatabaseUnavailable(
-                        "busy", f"all {self.limit} database slots of this worker stayed busy", 1
-                    )
-                self._changed.wait(min(0.05, deadline - now))
-            token = next(self._tokens)
-            slot = self._held[token] = self._mine.slot = _Slot()
+    def install(self, state: AppState, app: Flask) -> None:
+        if self.breaker_settings is not None:
+            probe_engine = state.probe_engine
+            self.breaker = Breaker(self.breaker_settings.threshold, self.breaker_settings.reset_seconds,
+                                   probe=lambda: ping_once(probe_engine))
+        for engine in state.serving:  # a replica's statement waits on a database too
+            _watch(engine, self.breaker if engine is state.engine else None, self.bulkhead)
+        state.openers.insert(0, self._admit)  # before anything else a session's birth does
 
-        def release() -> None:
-            with self._changed:
-                if self._held.pop(token, None) is not None:
-                    self._changed.notify()
-            if getattr(self._mine, "slot", None) is slot:
-                self._mine.slot = None
-
-        return release
-
-    def waiting(self, on_the_database: bool) -> None:
-        """Note whether this thread's holder now waits on the database."""
-        slot = getattr(self._mine, "slot", None)
-        if slot is not None:
-            slot.waiting_since = (slot.waiting_since or time.monotonic()) if on_the_database else None
-
-    def _all_stuck(self, now: float) -> bool:
-        return all(
-            slot.waiting_since is not None and now - slot.waiting_since >= self.timeout
-            for slot in self._held.values()
-        )
+    def _admit(self, session: AppSession, reading: bool) -> None:
+        """Take a bulkhead slot, then ask the breaker; the lifecycle gives the slot back
+        when the session ends, or at once if the breaker refuses."""
+        if self.bulkhead is not None:
+            state_of(session).release_slot = self.bulkhead.acquire()
+        if self.breaker is not None:
+            self.breaker.check()
 
 
+def _watch(engine: Engine, breaker: Breaker | None, bulkhead: Bulkhead | None) -> None:
+    """Tell the bulkhead when its holders wait on the database and when they are back,
+    and the breaker each statement's outcome and each slow failure to connect or to get
+    an answer. Waits are timed per thread: a dead connection's info cannot be read."""
+    began = threading.local()
+
+    def waiting(*args: Any) -> None:
+        if breaker is not None:
+            began.at = time.monotonic()
+        if bulkhead is not None:
+            bulkhead.waiting(True)
+
+    def answered(*args: Any) -> None:
+        if breaker is not None:
+            breaker.record_success()
+        if bulkhead is not None:
+            bulkhead.waiting(False)
+
+    event.listen(engine, "do_connect", waiting)
+    event.listen(engine, "before_cursor_execute", waiting)
+    event.listen(engine, "after_cursor_execute", answered)
+    if bulkhead is not None:
+        _watch_transaction_ends(engine, bulkhead)
+    if breaker is not None:
+        _count_failures(engine, breaker, began)
 
 
-def watch_waits(engine: Engine, bulkhead: Bulkhead) -> None:
-    """Tell the bulkhead when its holders wait on the database and when they are back."""
+def _watch_transaction_ends(engine: Engine, bulkhead: Bulkhead) -> None:
+    """COMMIT and ROLLBACK wait on the database too; their events fire before the call,
+    so the wait ends when the connection is handed out or back, not at the next statement."""
 
     def waiting(*args: Any) -> None:
         bulkhead.waiting(True)
 
-    def answered(*args: Any) -> None:
+    def back(*args: Any) -> None:
         bulkhead.waiting(False)
 
-    for name in ("do_connect", "before_cursor_execute", "commit", "rollback"):
-        event.listen(engine, name, waiting)
-    event.listen(engine, "after_cursor_execute", answered)
+    event.listen(engine, "commit", waiting)
+    event.listen(engine, "rollback", waiting)
+    event.listen(engine, "checkout", back)
+    event.listen(engine, "checkin", back)
 
 
-def watch(engine: Engine, breaker: Breaker) -> None:
-    """Report each statement's outcome, and each slow failure to connect or to get an
-    answer, to the breaker."""
-    # When this thread began its current wait: a connect attempt or a statement.
-    began = threading.local()
-
-    def _waiting(*args: Any) -> None:
-        began.at = time.monotonic()
-
-    event.listen(engine, "do_connect", _waiting)
-    event.listen(engine, "before_cursor_execute", _waiting)
-
-    @event.listens_for(engine, "after_cursor_execute")
-    def _answered(*args: Any) -> None:
-        breaker.record_success()
-
+def _count_failures(engine: Engine, breaker: Breaker, began: threading.local) -> None:
     @event.listens_for(engine, "handle_error")
     def _failed(context: Any) -> None:
         # A lost connection (a network timeout included) or a failed connect; not a
@@ -231,3 +216,22 @@ def watch(engine: Engine, breaker: Breaker) -> None:
         started = getattr(began, "at", None)
         if started is not None and time.monotonic() - started >= breaker.slow_seconds:
             breaker.record_failure(context.original_exception)
+
+
+class HealthMethods(StateAccess):
+    """The ``db`` methods that tell whether the database answers."""
+
+    def ping(self) -> float:
+        """Run ``SELECT 1`` over a fresh connection with a short connect timeout.
+
+        Return the round trip in seconds; raise the database error otherwise.
+        """
+        started = time.perf_counter()
+        ping_once(self.app_state().probe_engine)
+        return time.perf_counter() - started
+
+    def breaker_status(self) -> dict[str, Any] | None:
+        """This process's circuit breaker (None when it is switched off)."""
+        guards = self.app_state().feature(Guards)
+        breaker = guards.breaker if guards is not None else None
+        return breaker.status() if breaker is not None else None

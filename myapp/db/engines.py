@@ -1,7 +1,7 @@
 """Engines, set up right for each backend, and kept safe across forks and exits.
 
 Nothing here knows about Flask: what a request promises (that it only reads) reaches
-an engine as the execution option ``routing.READ_ONLY`` on the session's bind.
+an engine as the execution option ``READ_ONLY`` on the session's bind.
 """
 
 from __future__ import annotations
@@ -11,102 +11,105 @@ import os
 import select
 import time
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool, StaticPool
 
-from . import galera
-from .routing import READ_ONLY
+from .config import DatabaseSettings, is_memory
+
+# The execution option of a session's bind whose request promises not to write.
+READ_ONLY = "myapp_read_only"
 
 # Every pooled engine, so that a fork or the interpreter's exit can reach them.
 _all_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-def make_engine(
-    config: Mapping[str, Any], instance_path: str, *, probe: bool = False, replica_url: str | URL | None = None
-) -> Engine:
-    """Create the engine for ``DATABASE_URL`` with the options its backend needs.
+def make_engine(settings: DatabaseSettings, *, probe: bool = False, replica_url: str | None = None) -> Engine:
+    """Create the engine for the database (or for a replica) with what its backend needs.
 
-    A probe engine has no pool and a short connect timeout: each ping opens a fresh
-    connection, which proves the server still accepts new ones. A replica engine (for
-    ``replica_url``) has the same setup and pool, reads in AUTOCOMMIT (a replica read
-    needs no transaction: no BEGIN, no ROLLBACK), and keeps its connections when the
+    A probe engine has no pool and the ping's short connect timeout: each ping opens a
+    fresh connection, which proves the server still accepts new ones. A replica engine
+    reads in AUTOCOMMIT (no BEGIN, no ROLLBACK) and keeps its connections when the
     server says it is read-only: that is what a replica is.
     """
-    url = _resolve_url(replica_url or config["DATABASE_URL"], instance_path)
+    url = settings.url if replica_url is None else make_url(replica_url)
     backend = url.get_backend_name()
-    options: dict[str, Any] = {
-        "pool_pre_ping": True,
-        "hide_parameters": True,
-        "echo": bool(config.get("DATABASE_ECHO", False)),
-    }
-    connect_args: dict[str, Any] = {}
-    connect_timeout = int(config["DATABASE_PING_TIMEOUT" if probe else "DATABASE_CONNECT_TIMEOUT"])
-    statement_timeout_ms = int(config.get("DATABASE_STATEMENT_TIMEOUT") or 0)
-    network_timeout = int(config.get("DATABASE_NETWORK_TIMEOUT") or 0)
-    pgbouncer = config.get("DATABASE_PGBOUNCER") == "transaction"
-    galera_mode = config.get("DATABASE_GALERA") or ""
-    galera_nodes: list[tuple[str, int]] = []
-
-    if backend == "sqlite" and _is_memory(url):
-        options["poolclass"] = StaticPool  # one database shared by every session
-        connect_args["check_same_thread"] = False
-    elif probe:
-        options["poolclass"] = NullPool
-    else:
-        options.update(
-            pool_size=int(config["DATABASE_POOL_SIZE"]),
-            max_overflow=int(config["DATABASE_MAX_OVERFLOW"]),
-            pool_timeout=float(config["DATABASE_POOL_TIMEOUT"]),
-            pool_recycle=int(config["DATABASE_POOL_RECYCLE"]),
-        )
-
-    if backend == "sqlite":
-        connect_args["timeout"] = float(config["SQLITE_BUSY_TIMEOUT"])
-    elif backend == "postgresql":
-        connect_args["connect_timeout"] = connect_timeout
-        if network_timeout:
-            connect_args.update(_tcp_timeouts(network_timeout))
-        if pgbouncer:
-            # Transaction pooling hands each transaction to any server connection: a
-            # statement psycopg prepared on one is unknown on the next.
-            connect_args["prepare_threshold"] = None
-        elif statement_timeout_ms:
-            connect_args["options"] = f"-c statement_timeout={statement_timeout_ms}"
-    elif backend in ("mysql", "mariadb"):
-        url = url.update_query_dict({"charset": "utf8mb4"})
-        if galera_mode:
-            url, galera_nodes = galera.cluster_nodes(url)
-        connect_args["connect_timeout"] = connect_timeout
-        if network_timeout:
-            # PyMySQL waits on a socket read for as long as this: it must outlast the
-            # longest statement the server lets run.
-            connect_args["read_timeout"] = network_timeout + statement_timeout_ms // 1000
-            connect_args["write_timeout"] = network_timeout
-        if statement_timeout_ms:
-            connect_args["init_command"] = f"SET SESSION max_statement_time={statement_timeout_ms / 1000}"
-
+    options: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True, "echo": settings.echo,
+                               **_pool_options(settings, url, probe)}
     if replica_url is not None:
         options["isolation_level"] = "AUTOCOMMIT"
-    engine = create_engine(url, connect_args=connect_args, **options)
     if backend == "sqlite":
-        _configure_sqlite(engine)
+        connect_args = _sqlite_connect_args(settings, url)
+    elif backend == "postgresql":
+        connect_args = _postgresql_connect_args(settings, probe)
     else:
-        _name_connections(engine, config["DATABASE_APP_NAME"])
-    if galera_nodes:
-        galera.configure(engine, galera_nodes, galera_mode, int(config.get("DATABASE_GALERA_SYNC_WAIT") or 0))
-    if backend == "postgresql" and replica_url is None:
-        _discard_connections_to_a_read_only_server(engine)
-    if backend == "postgresql" and not probe:
-        _ping_only_when_the_socket_speaks(engine)
-    if pgbouncer and statement_timeout_ms:
-        _set_statement_timeout_per_transaction(engine, statement_timeout_ms)
+        connect_args = _mariadb_connect_args(settings, probe)
+    engine = create_engine(url, connect_args=connect_args, **options)
+    _install_backend_events(engine, settings, probe=probe, replica=replica_url is not None)
     if not probe:
         _all_engines.add(engine)
     return engine
+
+
+def _pool_options(settings: DatabaseSettings, url: URL, probe: bool) -> dict[str, Any]:
+    if is_memory(url):
+        return {"poolclass": StaticPool}  # one database shared by every session
+    if probe:
+        return {"poolclass": NullPool}
+    pool = settings.pool
+    return {"pool_size": pool.size, "max_overflow": pool.max_overflow, "pool_timeout": pool.timeout,
+            "pool_recycle": pool.recycle}
+
+
+def _sqlite_connect_args(settings: DatabaseSettings, url: URL) -> dict[str, Any]:
+    args: dict[str, Any] = {"timeout": settings.sqlite_busy_timeout}
+    if is_memory(url):
+        args["check_same_thread"] = False
+    return args
+
+
+def _postgresql_connect_args(settings: DatabaseSettings, probe: bool) -> dict[str, Any]:
+    args: dict[str, Any] = {"connect_timeout": settings.ping_timeout if probe else settings.connect_timeout}
+    if settings.network_timeout:
+        args.update(_tcp_timeouts(settings.network_timeout))
+    if settings.pgbouncer:
+        # Transaction pooling hands each transaction to any server connection: a
+        # statement psycopg prepared on one is unknown on the next.
+        args["prepare_threshold"] = None
+    elif settings.statement_timeout_ms:
+        args["options"] = f"-c statement_timeout={settings.statement_timeout_ms}"
+    return args
+
+
+def _mariadb_connect_args(settings: DatabaseSettings, probe: bool) -> dict[str, Any]:
+    args: dict[str, Any] = {"connect_timeout": settings.ping_timeout if probe else settings.connect_timeout}
+    if settings.network_timeout:
+        # PyMySQL waits on a socket read for as long as this: it must outlast the
+        # longest statement the server lets run.
+        args["read_timeout"] = settings.network_timeout + settings.statement_timeout_ms // 1000
+        args["write_timeout"] = settings.network_timeout
+    if settings.statement_timeout_ms:
+        args["init_command"] = f"SET SESSION max_statement_time={settings.statement_timeout_ms / 1000}"
+    return args
+
+
+def _install_backend_events(engine: Engine, settings: DatabaseSettings, *, probe: bool, replica: bool) -> None:
+    """The events each backend needs, whatever features are on."""
+    backend = engine.dialect.name
+    if backend == "sqlite":
+        _configure_sqlite(engine)
+        return
+    _name_connections(engine, settings.app_name)
+    if backend != "postgresql":
+        return
+    if not replica:
+        _discard_connections_to_a_read_only_server(engine)
+    if not probe:
+        _ping_only_when_the_socket_speaks(engine)
+    if settings.pgbouncer and settings.statement_timeout_ms:
+        _set_statement_timeout_per_transaction(engine, settings.statement_timeout_ms)
 
 
 # A health check's deadline: libpq's shortest connect timeout (it rounds anything
@@ -115,7 +118,7 @@ CHECK_CONNECT_TIMEOUT = 2
 CHECK_STATEMENT_TIMEOUT_MS = 500
 
 
-def make_check_engine(config: Mapping[str, Any], url: str | URL, label: str) -> Engine:
+def make_check_engine(settings: DatabaseSettings, url: str | URL, label: str) -> Engine:
     """A one-connection engine for the replica health checks of one server (PostgreSQL).
 
     Short deadlines everywhere, AUTOCOMMIT, no pre-ping (a failed check is the news);
@@ -129,30 +132,15 @@ def make_check_engine(config: Mapping[str, Any], url: str | URL, label: str) -> 
         "keepalives_interval": 1,
         "keepalives_count": 2,
     }
-    if config.get("DATABASE_PGBOUNCER") != "transaction":  # PgBouncer refuses startup options
+    if not settings.pgbouncer:  # PgBouncer refuses startup options
         connect_args["options"] = f"-c statement_timeout={CHECK_STATEMENT_TIMEOUT_MS}"
     engine = create_engine(
         url, connect_args=connect_args, isolation_level="AUTOCOMMIT", pool_size=1, max_overflow=0,
-        pool_timeout=CHECK_CONNECT_TIMEOUT, pool_recycle=int(config["DATABASE_POOL_RECYCLE"]), hide_parameters=True,
+        pool_timeout=CHECK_CONNECT_TIMEOUT, pool_recycle=settings.pool.recycle, hide_parameters=True,
     )
-    _name_connections(engine, f"{config['DATABASE_APP_NAME']}-{label}")
+    _name_connections(engine, f"{settings.app_name}-{label}")
     _all_engines.add(engine)
     return engine
-
-
-def _is_memory(url: URL) -> bool:
-    return url.database in (None, "", ":memory:")
-
-
-def _resolve_url(raw: str | URL, instance_path: str) -> URL:
-    """Parse the URL; a relative SQLite path is taken relative to the instance folder."""
-    url = make_url(raw)
-    if url.get_backend_name() == "sqlite" and not _is_memory(url):
-        assert url.database is not None
-        if not os.path.isabs(url.database) and not url.database.startswith("file:"):
-            os.makedirs(instance_path, exist_ok=True)
-            url = url.set(database=os.path.join(instance_path, url.database))
-    return url
 
 
 def _tcp_timeouts(seconds: int) -> dict[str, int]:
@@ -275,7 +263,7 @@ def _configure_sqlite(engine: Engine) -> None:
     the busy timeout) except for sessions bound with the ``READ_ONLY`` option (requests
     whose method promises not to write), so that readers never queue behind a writer.
     """
-    memory = _is_memory(engine.url)
+    memory = is_memory(engine.url)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:

@@ -3,9 +3,11 @@ which a retry may cure, and one line about it with no secret in it."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from sqlalchemy import exc
+
 from sqlalchemy.engine import URL, make_url
 
 Unavailable = Literal["unreachable", "busy", "statement timeout"]
@@ -73,3 +75,12 @@ def unavailable_reason(error: BaseException) -> Unavailable | None:
     if isinstance(error, (exc.OperationalError, exc.InterfaceError)) or error.connection_invalidated:
         return "unreachable"
     return None
+
+
+class DatabaseUnavailable(exc.SQLAlchemyError):
+    """The request was refused before it reached the database (a 503 page)."""
+
+    def __init__(self, reason: Literal["unreachable", "busy"], detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.retry_after = max(1, math.ceil(retry_after))

@@ -19,19 +19,24 @@ What this module does, on engines whose ``DATABASE_GALERA`` is set:
 - sets ``wsrep_sync_wait`` on each connection, when configured: causal reads, so that
   a read on one node sees what was committed through another before it began.
 
-Nothing here knows about Flask.
+``Galera`` is the feature; ``GaleraMethods`` gives ``db`` the node's status.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, event, exc
-from sqlalchemy.engine import URL
 
-MODES = ("pinned", "spread")
+from .config import GaleraSettings
+from .state import AppState, StateAccess
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .config import DatabaseSettings
 NODE_NOT_READY = 1047  # ER_UNKNOWN_COM_ERROR: "WSREP has not yet prepared node for application use"
 NODE_KEY = "galera_node"  # connection record info: "host:port" of the node it is connected to
 _JUST_CHECKED = "galera_just_checked"  # connection record info: checked at connect, not yet checked out
@@ -40,24 +45,6 @@ _STATE_QUERY = (
     "SHOW GLOBAL STATUS WHERE Variable_name IN "
     "('wsrep_ready', 'wsrep_cluster_status', 'wsrep_local_state_comment', 'wsrep_cluster_size')"
 )
-
-
-def cluster_nodes(url: URL) -> tuple[URL, list[tuple[str, int]]]:
-    """Split a cluster URL into the URL to connect with and its nodes, in order.
-
-    ``mysql+pymysql://user@node1:3306/db?host=node2:3306&host=node3`` lists three
-    nodes (the port defaults to 3306); a URL without ``host=`` names one address,
-    a single node or a proxy in front of the cluster.
-    """
-    extra = url.query.get("host", ())
-    extra = (extra,) if isinstance(extra, str) else tuple(extra)
-    nodes = [(url.host or "127.0.0.1", url.port or 3306)]
-    for entry in extra:
-        host, _, port = entry.rpartition(":") if ":" in entry else (entry, "", "3306")
-        if not host or not port.isdigit():
-            raise ValueError(f"host={entry!r} in the cluster URL must be written host or host:port")
-        nodes.append((host, int(port)))
-    return url.difference_update_query(["host"]), nodes
 
 
 def node_state(dbapi_connection: Any) -> dict[str, str]:
@@ -84,67 +71,99 @@ def describe(state: dict[str, str]) -> str:
             f" component, ready {state.get('wsrep_ready', '?')}")
 
 
-def configure(engine: Engine, nodes: list[tuple[str, int]], mode: str, sync_wait: int) -> None:
-    """Route the engine's connections to ready nodes of the cluster (see the module)."""
-    if mode not in MODES:
-        raise ValueError(f"DATABASE_GALERA must be one of {', '.join(MODES)}, not {mode!r}")
-    starts = itertools.count()
+class Galera:
+    """The feature: connections go to ready nodes, and a node that stops being ready
+    loses its pooled connections."""
 
-    def order() -> Iterator[tuple[str, int]]:
-        first = next(starts) % len(nodes) if mode == "spread" else 0
+    def __init__(self, settings: GaleraSettings) -> None:
+        self.settings = settings
+
+    @classmethod
+    def build(cls, settings: DatabaseSettings) -> Galera | None:
+        return cls(settings.galera) if settings.galera is not None else None
+
+    def install(self, state: AppState, app: Flask) -> None:
+        for engine in (state.engine, state.probe_engine):
+            # After the listener that names the connection: the first do_connect
+            # listener that returns a connection is the one SQLAlchemy uses.
+            event.listen(engine, "do_connect", _NodeChooser(self.settings))
+            _check_readiness_at_checkout(engine)
+            event.listen(engine, "handle_error", node_not_ready_is_a_disconnect)
+
+
+class _NodeChooser:
+    """A ``do_connect`` listener: a connection to the first ready node, trying the
+    nodes in turn (from the first, pinned; from the next one each time, spread)."""
+
+    def __init__(self, settings: GaleraSettings) -> None:
+        self.settings = settings
+        self._starts = itertools.count()
+
+    def _order(self) -> Iterator[tuple[str, int]]:
+        nodes = self.settings.nodes
+        first = next(self._starts) % len(nodes) if self.settings.mode == "spread" else 0
         return itertools.chain(nodes[first:], nodes[:first])
 
-    # After the listener that names the connection: the first do_connect listener that
-    # returns a connection is the one SQLAlchemy uses.
-    @event.listens_for(engine, "do_connect")
-    def _connect_to_a_ready_node(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+    def __call__(self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        dbapi = dialect.loaded_dbapi
         refusals: list[str] = []
         last_error: Exception | None = None
-        for host, port in order():
+        for host, port in self._order():
             try:
-                connection = dialect.loaded_dbapi.connect(*cargs, **{**cparams, "host": host, "port": port})
-            except dialect.loaded_dbapi.Error as error:
+                connection = dbapi.connect(*cargs, **{**cparams, "host": host, "port": port})
+            except dbapi.Error as error:
                 last_error = error
                 refusals.append(f"{host}:{port} {error.args[-1] if error.args else error}")
                 continue
             try:
-                state = node_state(connection)
-                if is_ready(state):
-                    if sync_wait:
-                        cursor = connection.cursor()
-                        cursor.execute(f"SET SESSION wsrep_sync_wait = {int(sync_wait)}")
-                        cursor.close()
-                    record.info[NODE_KEY] = f"{host}:{port}"
-                    record.info[_JUST_CHECKED] = True
-                    return connection
-                refusals.append(f"{host}:{port} {describe(state)}")
-            except dialect.loaded_dbapi.Error as error:
-                last_error = error
-                refusals.append(f"{host}:{port} {error}")
+                refusal = self._refusal(connection)
+            except dbapi.Error as error:
+                last_error, refusal = error, str(error)
+            except BaseException:
+                connection.close()  # never leak the socket, whatever went wrong
+                raise
+            if refusal is None:
+                record.info[NODE_KEY] = f"{host}:{port}"
+                record.info[_JUST_CHECKED] = True
+                return connection
+            refusals.append(f"{host}:{port} {refusal}")
             connection.close()
         # An OperationalError like a refused connect: the 503 page, the breaker's count.
         code = NODE_NOT_READY if last_error is None else (last_error.args or (2003,))[0]
-        raise dialect.loaded_dbapi.OperationalError(code, "no Galera node is ready: " + "; ".join(refusals))
+        raise dbapi.OperationalError(code, "no Galera node is ready: " + "; ".join(refusals))
+
+    def _refusal(self, connection: Any) -> str | None:
+        """Why this node will not do (None: it is ready, and set up for causal reads)."""
+        state = node_state(connection)
+        if not is_ready(state):
+            return describe(state)
+        if self.settings.sync_wait:
+            cursor = connection.cursor()
+            cursor.execute(f"SET SESSION wsrep_sync_wait = {int(self.settings.sync_wait)}")
+            cursor.close()
+        return None
+
+
+def _check_readiness_at_checkout(engine: Engine) -> None:
+    """After the pre-ping, which cannot tell: a node outside the Primary component
+    answers the protocol ping and SELECT 1, but refuses DO 1 with 1047 (one short round
+    trip, ~80 µs on loopback, a tenth of reading its status). A new connection was
+    checked just now."""
+    dbapi_error = engine.dialect.loaded_dbapi.Error
 
     @event.listens_for(engine, "checkout")
-    def _check_the_node_is_still_ready(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        # After the pre-ping, which cannot tell: a node outside the Primary component
-        # answers the protocol ping and SELECT 1, but refuses DO 1 with 1047 (one short
-        # round trip, ~80 µs on loopback, a tenth of reading its status). A new
-        # connection was checked just now.
+    def _still_ready(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         if record.info.pop(_JUST_CHECKED, False):
             return
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute("DO 1")
-        except engine.dialect.loaded_dbapi.Error as error:
+        except dbapi_error as error:
             if error.args and error.args[0] == NODE_NOT_READY:
                 raise exc.DisconnectionError(f"Galera node {record.info.get(NODE_KEY)} is not ready: {error}") from error
             raise exc.DisconnectionError(f"Galera node check failed: {error}") from error
         finally:
             cursor.close()
-
-    event.listen(engine, "handle_error", node_not_ready_is_a_disconnect)
 
 
 def node_not_ready_is_a_disconnect(context: Any) -> None:
@@ -152,6 +171,19 @@ def node_not_ready_is_a_disconnect(context: Any) -> None:
     args = getattr(context.original_exception, "args", ())
     if args and args[0] == NODE_NOT_READY:
         context.is_disconnect = True
+
+
+class GaleraMethods(StateAccess):
+    """The ``db`` method for operators of a Galera cluster."""
+
+    def galera_status(self) -> dict[str, Any] | None:
+        """The Galera node a new connection reaches now, with its state and the cluster's
+        size (None when the database is not a Galera cluster); raises like ``ping``."""
+        state = self.app_state()
+        galera = state.feature(Galera)
+        if galera is None:
+            return None
+        return {"mode": galera.settings.mode, **status(state.probe_engine)}
 
 
 def status(engine: Engine) -> dict[str, Any]:

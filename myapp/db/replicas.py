@@ -26,17 +26,15 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from ..config import parse_max_lag
-from .engines import CHECK_STATEMENT_TIMEOUT_MS, make_check_engine, make_engine
-from .errors import describe_error, mask_url
-from .routing import replica_engine
+from .engines import CHECK_STATEMENT_TIMEOUT_MS
+from .errors import describe_error
 
 log = logging.getLogger("myapp.db.replicas")
 
@@ -75,6 +73,7 @@ class Replica:
     replay_lsn: int = -1
     replay_lsn_at: float = 0.0  # time.monotonic() of replay_lsn
     checked_at: float | None = None
+    marked_down_at: float = float("-inf")  # a request's mark_down outranks a check begun before it
 
     @property
     def name(self) -> str:
@@ -113,24 +112,9 @@ class ReplicaSet:
     _checking: threading.Lock = field(default_factory=threading.Lock)
     _changing: threading.Lock = field(default_factory=threading.Lock)
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], instance_path: str, urls: Sequence[str]) -> ReplicaSet:
-        seconds, size = parse_max_lag(config["DATABASE_REPLICA_MAX_LAG"])
-        replicas = [
-            Replica(
-                number=number, url=mask_url(url),
-                engine=replica_engine(make_engine(config, instance_path, replica_url=url)),
-                check_engine=make_check_engine(config, url, f"check{number}"),
-            )
-            for number, url in enumerate(urls, start=1)
-        ]
-        replica_set = cls(
-            replicas, make_check_engine(config, config["DATABASE_URL"], "check0"),
-            float(config["DATABASE_REPLICA_CHECK_INTERVAL"]), seconds, size,
-        )
-        _all_sets.add(replica_set)
+    def __post_init__(self) -> None:
+        _all_sets.add(self)
         _register_fork_hook()
-        return replica_set
 
     # -- the hot path: a session choosing where to read ---------------------------------
 
@@ -192,7 +176,9 @@ class ReplicaSet:
         return (self.max_lag_seconds if self.max_lag_seconds is not None else 60.0) + 2 * self.interval
 
     def mark_down(self, replica: Replica, why: str) -> None:
-        """A request met a failure on this replica: out of the rotation until a check passes."""
+        """A request met a failure on this replica: out of the rotation until a check
+        that begins after this passes (one under way may have seen it healthy)."""
+        replica.marked_down_at = time.monotonic()
         self._set_state(replica, "down", why)
 
     # -- checks -------------------------------------------------------------------------
@@ -225,6 +211,7 @@ class ReplicaSet:
             self._checking.release()
 
     def _check_replica(self, replica: Replica) -> None:
+        began = time.monotonic()
         for attempt in (1, 2):
             started = time.monotonic()
             try:
@@ -252,9 +239,9 @@ class ReplicaSet:
         if self.max_lag_seconds is not None and replica.lag_seconds > self.max_lag_seconds:
             too_far.append(f"{replica.lag_seconds:.1f} s behind (limit {self.max_lag_seconds:g} s)")
         if too_far:
-            self._set_state(replica, "lagging", ", ".join(too_far))
+            self._set_state(replica, "lagging", ", ".join(too_far), checked_since=began)
         else:
-            self._set_state(replica, "healthy", "")
+            self._set_state(replica, "healthy", "", checked_since=began)
 
     def _lag(self, replay_lsn: int, now: float) -> tuple[int, float]:
         if not self._samples:
@@ -266,11 +253,14 @@ class ReplicaSet:
         return lag_bytes, 0.0
 
     def _note_replay(self, replica: Replica, lsn: int, at: float) -> None:
-        if lsn >= replica.replay_lsn:
-            replica.replay_lsn, replica.replay_lsn_at = lsn, at
+        with self._changing:  # a check and a request may both learn a position
+            if lsn >= replica.replay_lsn:
+                replica.replay_lsn, replica.replay_lsn_at = lsn, at
 
-    def _set_state(self, replica: Replica, state: State, reason: str) -> None:
+    def _set_state(self, replica: Replica, state: State, reason: str, checked_since: float | None = None) -> None:
         with self._changing:
+            if checked_since is not None and replica.marked_down_at >= checked_since:
+                return  # stale: a request marked it down while this check was under way
             was = replica.state
             replica.state, replica.reason = state, reason or replica.reason
         if was == state:

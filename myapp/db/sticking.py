@@ -18,9 +18,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
-from . import routing, tracking
 from .errors import describe_error
 from .replicas import PRIMARY_LSN_SQL, ReplicaSet
+from .state import state_of
 
 log = logging.getLogger("myapp.db.replicas")
 
@@ -59,12 +59,12 @@ def after_request(
 ) -> None:
     """Keep the position of the commit this request made, or drop one every replica has
     replayed (read-only requests); with ``header``, say where the statements went."""
-    if session is not None and tracking.committed_writes(session):
+    if session is not None and state_of(session).committed_writes:
         remember(primary_wal_position(session, primary))
     elif reading:
         forget_if_replayed(replicas)
     if header:
-        reads = routing.reads_of(session) if session is not None else None
+        reads = state_of(session).reads if session is not None else None
         served = reads.served if reads is not None else ["primary"] if session is not None else []
         response.headers["X-Read-From"] = ", ".join(served) or "none"
 

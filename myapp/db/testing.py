@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .lifecycle import AppState
+from flask import Flask
+
+from .state import StateAccess
 
 
-@contextmanager
-def isolated(state: AppState, make_sessionmaker: Callable[..., Any]) -> Iterator[None]:
-    """Bind the app's sessions to one connection whose outer transaction is rolled back.
+class TestingMethods(StateAccess):
+    """The ``db`` method for test suites."""
 
-    Each session joins it through a SAVEPOINT (SQLAlchemy's "joining a session into an
-    external transaction" recipe), so a view's ``commit()`` works as usual and later
-    requests of the same test see it, yet nothing reaches the database.
-    """
-    saved = state.sessionmaker
-    with state.engine.connect() as connection:
-        outer = connection.begin()
-        state.sessionmaker = make_sessionmaker(connection, join_transaction_mode="create_savepoint")
-        state.isolated = True
-        try:
-            yield
-        finally:
-            state.sessionmaker, state.isolated = saved, False
-            outer.rollback()
+    @contextmanager
+    def test_isolation(self, app: Flask) -> Iterator[None]:
+        """Bind the app's sessions to one connection whose outer transaction is rolled back.
+
+        Each session joins it through a SAVEPOINT (SQLAlchemy's "joining a session into
+        an external transaction" recipe), so a view's ``commit()`` works as usual and
+        later requests of the same test see it, yet nothing reaches the database.
+        """
+        state = self.app_state(app)
+        with state.engine.connect() as connection:
+            outer = connection.begin()
+            state.sessionmaker.configure(bind=connection, join_transaction_mode="create_savepoint")
+            state.isolated = True
+            try:
+                yield
+            finally:
+                state.sessionmaker.configure(bind=state.engine, join_transaction_mode="conservative_savepoint")
+                state.isolated = False
+                outer.rollback()

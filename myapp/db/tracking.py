@@ -1,25 +1,27 @@
-"""What a session wrote and has not committed: the evidence for lost-write detection.
+"""What a session wrote: the one record behind lost-write detection, read-your-writes
+and the replicas' "this session wrote, read from the primary".
 
-ORM changes are named by their objects (``new User``, ``changed Post[3]``); writes that
-bypass the ORM (``text()``, Core ``insert``/``update``, ``session.connection()``) are
-seen where every statement passes, on the engine, and named by their verb.
+ORM changes are named by their objects (``new User``, ``changed Post[3]``) when they
+are flushed; writes that bypass the ORM (``text()``, Core ``insert``/``update``,
+``session.connection()``) are seen where every statement passes, on the engine, and
+named by their verb. A commit moves them from ``uncommitted`` to ``committed_writes``;
+a rollback forgets them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, event, inspect
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
-from .routing import statement_verb, writes
+from .state import CONNECTION_KEY, AppState, SessionState, state_of
+from .statements import classify
 
-_FLUSHED = "flushed"
-_FLUSHING = "myapp.flushing"
-_COMMITTING_WRITES = "myapp.committing_writes"
-_COMMITTED_WRITES = "myapp.committed_writes"
-# In a pooled connection's info while a session uses it: that session's info.
-_SESSION_INFO = "myapp.session_info"
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .config import DatabaseSettings
 
 
 class LostWriteError(RuntimeError):
@@ -28,22 +30,20 @@ class LostWriteError(RuntimeError):
 
 def has_writes(session: Session) -> bool:
     """True if the session has changes to flush or writes sent but not yet committed."""
-    return bool(session.new or session.deleted or session.info.get(_FLUSHED)) or any(
+    return bool(session.new or session.deleted or state_of(session).uncommitted) or any(
         session.is_modified(obj) for obj in session.dirty
     )
 
 
-def committed_writes(session: Session) -> bool:
-    """True once the session has committed a write (``install_commit_tracking``)."""
-    return bool(session.info.get(_COMMITTED_WRITES))
-
-
 def describe_uncommitted(session: Session) -> list[str]:
     """Name what a session would lose, without its (possibly private) contents."""
+    return _pending(session) + [f"flushed {name}" for name in state_of(session).uncommitted]
+
+
+def _pending(session: Session) -> list[str]:
     names = [f"new {type(obj).__name__}" for obj in session.new]
     names += [f"changed {_identity(obj)}" for obj in session.dirty if session.is_modified(obj)]
     names += [f"deleted {_identity(obj)}" for obj in session.deleted]
-    names += [f"flushed {name}" for name in session.info.get(_FLUSHED, ())]
     return names
 
 
@@ -52,70 +52,65 @@ def _identity(obj: object) -> str:
     return f"{type(obj).__name__}{list(key) if key else ''}"
 
 
-def install_write_tracking(maker: sessionmaker[Any]) -> None:
-    """Record every write of the maker's sessions until their transaction ends."""
+class WriteTracking:
+    """The feature; always on, since a forgotten commit must never pass unnoticed."""
 
+    @classmethod
+    def build(cls, settings: DatabaseSettings) -> WriteTracking:
+        return cls()
+
+    def install(self, state: AppState, app: Flask) -> None:
+        _track_flushes(state.sessionmaker)
+        _track_statements(state.engine)
+        for engine in state.serving:
+            event.listen(engine, "checkin", _unwatch_connection)
+
+
+def _track_flushes(maker: sessionmaker[Any]) -> None:
     @event.listens_for(maker, "before_flush")
     def _flush_starts(session: Session, flush_context: Any, instances: Any) -> None:
-        session.info[_FLUSHING] = True
+        state_of(session).flushing = True
 
     @event.listens_for(maker, "after_flush")
     def _remember_flushed(session: Session, flush_context: Any) -> None:
-        flushed = session.info.setdefault(_FLUSHED, [])
-        flushed.extend(f"new {type(obj).__name__}" for obj in session.new)
-        flushed.extend(f"changed {_identity(obj)}" for obj in session.dirty if session.is_modified(obj))
-        flushed.extend(f"deleted {_identity(obj)}" for obj in session.deleted)
+        state_of(session).uncommitted.extend(_pending(session))
 
     @event.listens_for(maker, "after_flush_postexec")
     def _flush_ends(session: Session, flush_context: Any) -> None:
-        session.info.pop(_FLUSHING, None)
+        state_of(session).flushing = False
 
     @event.listens_for(maker, "after_begin")
     def _watch_connection(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
-        connection.info[_SESSION_INFO] = session.info
+        connection.info[CONNECTION_KEY] = state_of(session)
 
     @event.listens_for(maker, "after_commit")
     def _committed(session: Session) -> None:
-        session.info.pop(_FLUSHED, None)
+        state = state_of(session)
+        if state.uncommitted:
+            state.committed_writes = True
+            state.uncommitted.clear()
 
     @event.listens_for(maker, "after_soft_rollback")
     def _rolled_back(session: Session, previous_transaction: SessionTransaction) -> None:
         if not previous_transaction.nested:
-            session.info.pop(_FLUSHED, None)
-            session.info.pop(_FLUSHING, None)
+            state = state_of(session)
+            state.uncommitted.clear()
+            state.flushing = False
 
 
-def install_commit_tracking(maker: sessionmaker[Any]) -> None:
-    """Remember that a session committed a write (read-your-writes needs to know)."""
-
-    @event.listens_for(maker, "before_commit")
-    def _committing(session: Session) -> None:
-        # Before the commit's own flush: what it will write is still pending here.
-        if has_writes(session):
-            session.info[_COMMITTING_WRITES] = True
-
-    @event.listens_for(maker, "after_commit")
-    def _committed(session: Session) -> None:
-        if session.info.pop(_COMMITTING_WRITES, False):
-            session.info[_COMMITTED_WRITES] = True
-
-    @event.listens_for(maker, "after_soft_rollback")
-    def _rolled_back(session: Session, previous_transaction: SessionTransaction) -> None:
-        if not previous_transaction.nested:
-            session.info.pop(_COMMITTING_WRITES, None)
-
-
-def install_statement_tracking(engine: Engine) -> None:
+def _track_statements(engine: Engine) -> None:
     """See writes that bypass the ORM, on the connection a session is using."""
 
     @event.listens_for(engine, "before_cursor_execute")
     def _remember_statement(
         connection: Connection, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
     ) -> None:
-        info = connection.info.get(_SESSION_INFO)
-        if info is not None and _FLUSHING not in info and writes(statement):
-            info.setdefault(_FLUSHED, []).append(f"{statement_verb(statement)} statement")
+        state: SessionState | None = connection.info.get(CONNECTION_KEY)
+        if state is not None and not state.flushing:
+            kind = classify(statement)
+            if kind.writes:
+                state.uncommitted.append(f"{kind.verb} statement")
 
-    @event.listens_for(engine, "checkin")
-    def _unwatch_connection(dbapi_connection: Any, record: Any) -> None:
-        record.info.pop(_SESSION_INFO, None)
+
+def _unwatch_connection(dbapi_connection: Any, record: Any) -> None:
+    record.info.pop(CONNECTION_KEY, None)

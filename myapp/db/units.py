@@ -1,5 +1,5 @@
 """Units of work: where a transaction starts and ends, what runs after its commit, and
-how a whole unit is retried. ``Database`` exposes each as a method (``db.transaction()``)."""
+how a whole unit is retried; ``UnitsOfWork`` gives ``db`` the methods for them."""
 
 from __future__ import annotations
 
@@ -8,24 +8,24 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, ParamSpec, TypeVar
 
+from flask import Flask, current_app, has_app_context
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
+from .autocommit import require_transaction
 from .errors import describe_error, is_retryable
-from .routing import require_transaction
+from .session import AppSession
+from .state import StateAccess, state_of
 from .tracking import has_writes
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-_DEPTH = "transaction_depth"
-_ON_COMMIT = "on_commit"
 
 S = TypeVar("S", bound=Session)
 
@@ -37,8 +37,9 @@ def transaction(session: S) -> Iterator[S]:
     The outermost block commits the session's whole transaction, reads made before it
     included; every statement inside it runs in that one transaction.
     """
-    depth = session.info.get(_DEPTH, 0)
-    session.info[_DEPTH] = depth + 1
+    state = state_of(session)
+    depth = state.depth
+    state.depth = depth + 1
     try:
         if depth:
             with session.begin_nested():
@@ -52,7 +53,7 @@ def transaction(session: S) -> Iterator[S]:
                 session.rollback()
                 raise
     finally:
-        session.info[_DEPTH] = depth
+        state.depth = depth
 
 
 def on_commit(session: Session, callback: Callable[[], Any]) -> None:
@@ -67,7 +68,7 @@ def on_commit(session: Session, callback: Callable[[], Any]) -> None:
         return
     if transaction is None:
         transaction = session.begin()
-    session.info.setdefault(_ON_COMMIT, []).append((transaction, callback))
+    state_of(session).on_commit.append((transaction, callback))
 
 
 def retrying(
@@ -85,32 +86,40 @@ def retrying(
         @functools.wraps(unit)
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
             session = get_session()
-            if session.info.get(_DEPTH):
-                raise RuntimeError(
-                    f"{unit.__name__} is retried inside an open db.transaction(): a retry "
-                    "can only re-run a whole unit of work, so put the retry outside it."
-                )
-            if has_writes(session):
-                raise RuntimeError(
-                    f"{unit.__name__} is retried but the session already holds "
-                    "uncommitted writes that a retry would discard: commit first, or "
-                    "retry the whole unit of work."
-                )
-            for attempt in range(1, attempts + 1):
+            _check_retry_is_whole(session, unit.__name__)
+            for attempt in range(1, attempts):
                 try:
                     return unit(*args, **kwargs)
                 except DBAPIError as error:
-                    if attempt == attempts or not is_retryable(error):
+                    if not is_retryable(error):
                         raise
-                    session.rollback()
-                    delay = random.uniform(0, backoff * 2 ** (attempt - 1))
-                    log.info("retrying %s after %s (attempt %d)", unit.__name__, describe_error(error), attempt)
-                    time.sleep(delay)
-            raise AssertionError("unreachable")
+                    _before_retry(session, unit.__name__, error, attempt, backoff)
+            return unit(*args, **kwargs)
 
         return run
 
     return decorator
+
+
+def _check_retry_is_whole(session: Session, name: str) -> None:
+    """A retry re-runs a whole unit of work: never one begun outside it."""
+    if state_of(session).depth:
+        raise RuntimeError(
+            f"{name} is retried inside an open db.transaction(): a retry "
+            "can only re-run a whole unit of work, so put the retry outside it."
+        )
+    if has_writes(session):
+        raise RuntimeError(
+            f"{name} is retried but the session already holds "
+            "uncommitted writes that a retry would discard: commit first, or "
+            "retry the whole unit of work."
+        )
+
+
+def _before_retry(session: Session, name: str, error: DBAPIError, attempt: int, backoff: float) -> None:
+    session.rollback()
+    log.info("retrying %s after %s (attempt %d)", name, describe_error(error), attempt)
+    time.sleep(random.uniform(0, backoff * 2 ** (attempt - 1)))
 
 
 def install_commit_hooks(maker: sessionmaker[Any]) -> None:
@@ -118,7 +127,11 @@ def install_commit_hooks(maker: sessionmaker[Any]) -> None:
 
     @event.listens_for(maker, "after_commit")
     def _run_after_commit(session: Session) -> None:
-        for _transaction, callback in session.info.pop(_ON_COMMIT, []):
+        state = state_of(session)
+        if not state.on_commit:
+            return
+        callbacks, state.on_commit = state.on_commit, []
+        for _transaction, callback in callbacks:
             try:
                 callback()
             except Exception:  # the data is committed; one failing hook must not hide it
@@ -126,14 +139,16 @@ def install_commit_hooks(maker: sessionmaker[Any]) -> None:
 
     @event.listens_for(maker, "after_soft_rollback")
     def _forget_after_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
+        state = state_of(session)
+        if not state.on_commit:
+            return
         if previous_transaction.nested:
-            session.info[_ON_COMMIT] = [
-                (transaction, callback)
-                for transaction, callback in session.info.get(_ON_COMMIT, [])
+            state.on_commit = [
+                (transaction, callback) for transaction, callback in state.on_commit
                 if not _descends_from(transaction, previous_transaction)
             ]
         else:
-            session.info.pop(_ON_COMMIT, None)
+            state.on_commit = []
 
 
 def _descends_from(transaction: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
@@ -142,3 +157,56 @@ def _descends_from(transaction: SessionTransaction | None, ancestor: SessionTran
             return True
         transaction = transaction.parent
     return False
+
+
+_NO_CONTEXT_MESSAGE = (
+    "db.session was used outside an application context. Inside a view or a `flask` "
+    "command one is pushed for you; in a script or a thread use `with "
+    "db.session_scope(app):` (or `with app.app_context():`), or take `db.get_session()` "
+    "and close it yourself."
+)
+
+
+def current_app_or_raise() -> Flask:
+    """The app of the current context, or an error that says how to get one."""
+    if not has_app_context():
+        raise RuntimeError(_NO_CONTEXT_MESSAGE)
+    return current_app._get_current_object()  # type: ignore[attr-defined,no-any-return]
+
+
+class UnitsOfWork(StateAccess):
+    """The ``db`` methods for units of work."""
+
+    @contextmanager
+    def transaction(self) -> Iterator[AppSession]:
+        """Commit on success, roll back on error; nested, a SAVEPOINT. Also a decorator:
+        ``@db.transaction()``."""
+        with transaction(self.session()) as session:
+            yield session
+
+    def on_commit(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` once the current transaction has really committed."""
+        on_commit(self.session(), callback)
+
+    def retrying(self, attempts: int = 3, backoff: float = 0.05) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Re-run a whole, idempotent unit of work on a serialization failure or deadlock.
+
+        Never wrap a whole POST view: wrap the function that does one unit of work from
+        its start, inside a transaction.
+        """
+        return retrying(self.session, attempts, backoff)
+
+    @contextmanager
+    def session_scope(self, app: Flask | None = None) -> Iterator[AppSession]:
+        """A unit of work for CLI commands, scripts and threads.
+
+        Inside the app's context (a command), use its session; otherwise push a new app
+        context, whose teardown removes the session at the end. Either way the block is
+        a ``transaction()``. A thread started by a view passes the app and so gets a
+        session of its own, never the view's.
+        """
+        app = app if app is not None else current_app_or_raise()
+        inside = has_app_context() and current_app_or_raise() is app
+        with nullcontext() if inside else app.app_context():
+            with self.transaction() as session:
+                yield session

@@ -14,6 +14,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import event, func, select, text
 
+from myapp.db.breaker import Guards
 from myapp.db import db
 from myapp.models import User
 
@@ -35,7 +36,7 @@ def refused_app(request: pytest.FixtureRequest) -> Iterator[tuple[Flask, list[fl
         event.listen(engine, "do_connect", lambda *args: attempts.append(time.monotonic()))
     # A refusal answered at once does not count by default (see the slow-failure tests
     # below); here every failure counts, to drive the breaker fast.
-    app.extensions["myapp.database"].breaker.slow_seconds = 0.0
+    app.extensions["myapp.database"].feature(Guards).breaker.slow_seconds = 0.0
     yield app, attempts
     app.extensions["myapp.database"].engine.dispose()
 
@@ -84,7 +85,7 @@ def test_refusals_answered_at_once_do_not_open_the_breaker() -> None:
     app = make_app(UNREACHABLE_URLS["postgresql"], PROPAGATE_EXCEPTIONS=False)
     client = app.test_client()
     assert [client.get("/").status_code for _ in range(10)] == [503] * 10
-    assert app.extensions["myapp.database"].breaker.status()["state"] == "closed"
+    assert app.extensions["myapp.database"].feature(Guards).breaker.status()["state"] == "closed"
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ def test_slow_failures_open_the_breaker(silent_server: int, caplog: pytest.LogCa
     started = time.monotonic()
     assert client.get("/").status_code == 503
     assert time.monotonic() - started < 0.2  # refused at once: the breaker is open
-    assert app.extensions["myapp.database"].breaker.status()["state"] == "open"
+    assert app.extensions["myapp.database"].feature(Guards).breaker.status()["state"] == "open"
     app.extensions["myapp.database"].engine.dispose()
 
 
@@ -126,7 +127,7 @@ def test_statements_that_time_out_open_the_breaker(backend: Backend) -> None:
 
     client = app.test_client()
     assert [client.get("/_test/sleep").status_code for _ in range(THRESHOLD)] == [503] * THRESHOLD
-    status = app.extensions["myapp.database"].breaker.status()
+    status = app.extensions["myapp.database"].feature(Guards).breaker.status()
     assert status["state"] == "open" and "2013" in status["last_error"]
     app.extensions["myapp.database"].engine.dispose()
 
@@ -145,7 +146,7 @@ def test_negative_control_without_breaker_every_request_tries_the_database() -> 
 @pytest.mark.real_commits
 def test_breaker_closes_when_the_probe_answers(app: Flask, caplog: pytest.LogCaptureFixture) -> None:
     """Open it by hand (three reported failures), then let the real database answer."""
-    breaker = app.extensions["myapp.database"].breaker
+    breaker = app.extensions["myapp.database"].feature(Guards).breaker
     for _ in range(THRESHOLD):
         breaker.record_failure(RuntimeError("simulated loss"))
     client = app.test_client()
@@ -158,7 +159,7 @@ def test_breaker_closes_when_the_probe_answers(app: Flask, caplog: pytest.LogCap
 
 @pytest.mark.real_commits
 def test_a_statement_that_answers_resets_the_count(app: Flask) -> None:
-    breaker = app.extensions["myapp.database"].breaker
+    breaker = app.extensions["myapp.database"].feature(Guards).breaker
     breaker.record_failure(RuntimeError("one"))
     breaker.record_failure(RuntimeError("two"))
     assert app.test_client().get("/").status_code == 200
@@ -261,7 +262,7 @@ def test_bulkhead_gives_up_after_the_pool_timeout(app: Flask) -> None:
 @pytest.mark.real_commits
 @pytest.mark.backends("postgresql", "mysql")
 def test_negative_control_without_bulkhead_the_second_request_is_served(app: Flask) -> None:
-    app.extensions["myapp.database"].bulkhead = None
+    app.extensions["myapp.database"].feature(Guards).bulkhead = None
     entered, leave = _hold_the_database(app)
     holder = threading.Thread(target=lambda: app.test_client().get("/_test/hold"))
     holder.start()
@@ -279,4 +280,4 @@ def test_no_bulkhead_on_sqlite(app: Flask) -> None:
     """SQLite's writers wait for the file lock, fairly and bounded by its busy timeout;
     turning them away would fail writes that were about to succeed."""
     assert app.config["DATABASE_BULKHEAD"] == 1
-    assert app.extensions["myapp.database"].bulkhead is None
+    assert app.extensions["myapp.database"].feature(Guards).bulkhead is None

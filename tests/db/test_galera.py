@@ -15,21 +15,27 @@ from sqlalchemy.engine import make_url
 
 from myapp.config import ConfigError
 from myapp.db import galera
+from myapp.db.config import DatabaseSettings, cluster_nodes
 from tests.conftest import make_app
 
 URL = "mysql+pymysql://app:s3cret@db1:3307/site?host=db2:3308&host=db3&charset=utf8mb4"
 
 
+def _settings(url: str, **config: object) -> DatabaseSettings:
+    return make_app(url, **config).extensions["myapp.database"].settings  # type: ignore[no-any-return]
+
+
 def test_a_cluster_url_lists_its_nodes_in_order_and_keeps_its_other_options() -> None:
-    url, nodes = galera.cluster_nodes(make_url(URL))
-    assert nodes == [("db1", 3307), ("db2", 3308), ("db3", 3306)]
+    settings = _settings(URL)
+    assert settings.galera is not None
+    assert settings.galera.nodes == (("db1", 3307), ("db2", 3308), ("db3", 3306))
+    url = settings.url
     assert "host" not in url.query and url.query["charset"] == "utf8mb4"
     assert (url.host, url.port, url.database, url.password) == ("db1", 3307, "site", "s3cret")
 
 
 def test_a_single_address_is_one_node() -> None:
-    _, nodes = galera.cluster_nodes(make_url("mysql+pymysql://app@galera-proxy/site"))
-    assert nodes == [("galera-proxy", 3306)]
+    assert cluster_nodes(make_url("mysql+pymysql://app@galera-proxy/site")) == (("galera-proxy", 3306),)
 
 
 @pytest.mark.parametrize("entry", ["db2:", ":3306", "db2:port"])
@@ -48,10 +54,15 @@ def test_the_galera_settings_are_checked() -> None:
         make_app("postgresql+psycopg://app@db1/site", DATABASE_GALERA="pinned")
 
 
+def _mode(url: str, **config: object) -> str | None:
+    galera_settings = _settings(url, **config).galera
+    return galera_settings.mode if galera_settings is not None else None
+
+
 def test_a_url_listing_several_nodes_is_a_cluster_pinned_by_default() -> None:
-    assert make_app("mysql+pymysql://app@db1/site?host=db2").config["DATABASE_GALERA"] == "pinned"
-    assert make_app("mysql+pymysql://app@db1/site?host=db2", DATABASE_GALERA="spread").config["DATABASE_GALERA"] == "spread"
-    assert make_app("mysql+pymysql://app@db1/site").config["DATABASE_GALERA"] == ""
+    assert _mode("mysql+pymysql://app@db1/site?host=db2") == "pinned"
+    assert _mode("mysql+pymysql://app@db1/site?host=db2", DATABASE_GALERA="spread") == "spread"
+    assert _mode("mysql+pymysql://app@db1/site") is None
 
 
 SYNCED = {"wsrep_ready": "ON", "wsrep_cluster_status": "Primary", "wsrep_local_state_comment": "Synced"}

@@ -23,7 +23,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.engine import URL
 
-from myapp.config import ConfigError, parse_max_lag
+from myapp.db.replication import Replicas
+from myapp.config import ConfigError
+from myapp.db.config import parse_max_lag
 from myapp.db import ReplicaWriteError, db, routing, sticking
 from myapp.db.replicas import ReplicaSet
 from myapp.models import Post, RateLimit, User
@@ -47,9 +49,9 @@ def replica_urls(topology: ReplicatedPostgres, database: URL, standbys: list[PgN
 
 
 def replicas_of(app: Flask) -> ReplicaSet:
-    replicas = app.extensions["myapp.database"].replicas
+    replicas = app.extensions["myapp.database"].feature(Replicas)
     assert replicas is not None
-    return replicas  # type: ignore[no-any-return]
+    return replicas.replica_set  # type: ignore[no-any-return]
 
 
 def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.02) -> float:
@@ -64,8 +66,8 @@ def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.02
 def dispose(app: Flask) -> None:
     state = app.extensions["myapp.database"]
     state.engine.dispose()
-    if state.replicas is not None:
-        state.replicas.dispose()
+    if state.feature(Replicas) is not None:
+        state.feature(Replicas).replica_set.dispose()
 
 
 @contextmanager
@@ -183,7 +185,7 @@ def test_negative_control_without_replicas_every_read_is_on_the_primary(
         assert not any(answer.json["standby"] for answer in answers)  # type: ignore[index]
         # With none configured nothing changes: no header, no routing listener, no cookie.
         assert all("X-Read-From" not in answer.headers for answer in answers)
-        assert app.extensions["myapp.database"].replicas is None
+        assert app.extensions["myapp.database"].feature(Replicas) is None
         register_and_login(client, "norep")
         publish(client, "no replicas")
         with client.session_transaction() as kept:

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, event, func, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from myapp.db import LostWriteError, db
-from myapp.db.routing import needs_transaction, writes
+from myapp.db.statements import needs_transaction, writes
 from myapp.models import Post, User
 
 from ..conftest import Backend, make_app

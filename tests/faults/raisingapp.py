@@ -22,7 +22,7 @@ from sqlalchemy import Connection, event, func, select
 from myapp import create_app
 from myapp.auth import csrf
 from myapp.db import db
-from myapp.db.routing import read_only
+from myapp.db.engines import READ_ONLY
 from myapp.models import Post, User
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def leak() -> dict[str, int]:
     transaction is a reader that blocks nobody.
     """
     engine = db.get_engine()
-    connection = (read_only(engine) if engine.dialect.name == "sqlite" else engine).connect()
+    connection = (engine.execution_options(**{READ_ONLY: True}) if engine.dialect.name == "sqlite" else engine).connect()
     connection.execute(select(func.count(User.id)))  # autobegins: 'idle in transaction'
     _leaked.append(connection)
     return {"leaked": len(_leaked)}
@@ -163,7 +163,7 @@ def _drop_teardown(app: Flask) -> None:
 
 def _use_deferred_begin(app: Flask) -> None:
     """Replace the engine's ``BEGIN IMMEDIATE`` with SQLite's plain, deferred ``BEGIN``."""
-    engine = db._state(app).engine
+    engine = db.app_state(app).engine
     assert engine.dialect.name == "sqlite", "the deferred-BEGIN control is for SQLite"
     for listener in list(engine.dispatch.begin):
         event.remove(engine, "begin", listener)

@@ -72,7 +72,7 @@ def _app_name_prefix() -> str:
 def test_failing_views_leak_no_connection_transaction_or_session(app: Flask, backend: Backend) -> None:
     add_fault_routes(app)
     client = app.test_client()
-    pool = db._state(app).engine.pool
+    pool = db.app_state(app).engine.pool
     statuses: Counter[int] = Counter()
     worst_checked_out = worst_registry = tracebacks = 0
     for i in range(REQUESTS):
@@ -142,7 +142,7 @@ def test_failing_views_over_gunicorn_leak_nothing(app: Flask, backend: Backend, 
 def test_control_a_route_that_keeps_its_connection_is_caught(app: Flask, backend: Backend) -> None:
     add_fault_routes(app)
     client = app.test_client()
-    pool = db._state(app).engine.pool
+    pool = db.app_state(app).engine.pool
     try:
         for i in range(30):
             client.get("/_faults/leak" if i % 10 == 0 else "/_faults/read")
@@ -166,7 +166,7 @@ def test_sessions_whose_teardown_never_runs_are_closed_with_their_context(
     its context is freed (and said so in the log), so nothing stays behind."""
     add_fault_routes(app, without_teardown=True)
     client = app.test_client()
-    pool = db._state(app).engine.pool
+    pool = db.app_state(app).engine.pool
     with caplog.at_level(logging.WARNING, logger="myapp.db"):
         for _ in range(5):
             client.get("/_faults/read")
@@ -187,7 +187,7 @@ def test_control_a_registry_without_teardown_or_safety_net_is_caught(
     monkeypatch.setattr(db.session, "registry", plain)
     add_fault_routes(app, without_teardown=True)
     client = app.test_client()
-    pool = db._state(app).engine.pool
+    pool = db.app_state(app).engine.pool
     try:
         for _ in range(5):  # reads: on SQLite a leaked writer would block the next request
             client.get("/_faults/read")
