@@ -14,7 +14,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import event, func, select, text
 
-from myapp.db.breaker import Guards
+from myapp.db.breaker import Breaker, Guards
 from myapp.db import db
 from myapp.models import User
 
@@ -281,3 +281,24 @@ def test_no_bulkhead_on_sqlite(app: Flask) -> None:
     turning them away would fail writes that were about to succeed."""
     assert app.config["DATABASE_BULKHEAD"] == 1
     assert app.extensions["myapp.database"].feature(Guards).bulkhead is None
+
+
+def test_a_probe_that_raises_a_non_database_error_leaves_the_breaker_open_and_probes_again() -> None:
+    """Bug: a probe raising anything but SQLAlchemyError left the state at "probing" for
+    good: every request got a 503 and no probe ever ran again."""
+    calls: list[int] = []
+
+    def probe() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a bug in the probe")
+
+    breaker = Breaker(threshold=1, reset_seconds=0.05, probe=probe)
+    breaker.record_failure(RuntimeError("down"))
+    time.sleep(0.06)
+    with pytest.raises(ValueError, match="a bug in the probe"):
+        breaker.check()
+    assert breaker.status()["state"] == "open"
+    time.sleep(0.06)
+    breaker.check()  # the next request after the period probes again, and it answers
+    assert breaker.status()["state"] == "closed" and len(calls) == 2

@@ -8,6 +8,7 @@ The cluster itself (node choice, isolation, conflicts, causal reads) is fault sc
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pymysql
 import pytest
@@ -15,7 +16,8 @@ from sqlalchemy.engine import make_url
 
 from myapp.config import ConfigError
 from myapp.db import galera
-from myapp.db.config import DatabaseSettings, cluster_nodes
+from myapp.db.config import DatabaseSettings, GaleraSettings, cluster_nodes
+from myapp.db.galera import _NodeChooser
 from tests.conftest import make_app
 
 URL = "mysql+pymysql://app:s3cret@db1:3307/site?host=db2:3308&host=db3&charset=utf8mb4"
@@ -106,3 +108,29 @@ def test_a_plain_mariadb_url_gets_no_galera_handling() -> None:
     cluster = make_app("mysql+pymysql://app@db1/site?host=db2")
     assert event.contains(cluster.extensions["myapp.database"].engine, "handle_error",
                           galera.node_not_ready_is_a_disconnect)
+
+
+class _FakeConnection:
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def cursor(self) -> Any:
+        raise KeyboardInterrupt  # not a DBAPI error: an interrupt while the node is asked
+
+
+def test_node_choice_never_leaks_the_connection_it_opened() -> None:
+    """Bug: a non-DBAPI exception after the connect (here while asking the node's
+    state) left the freshly opened connection unclosed."""
+    opened: list[_FakeConnection] = []
+
+    def connect(*args: Any, **kwargs: Any) -> _FakeConnection:
+        opened.append(_FakeConnection())
+        return opened[-1]
+
+    dialect = SimpleNamespace(loaded_dbapi=SimpleNamespace(connect=connect, Error=pymysql.Error))
+    chooser = _NodeChooser(GaleraSettings("pinned", (("db1", 3306), ("db2", 3306)), 1))
+    with pytest.raises(KeyboardInterrupt):
+        chooser(dialect, SimpleNamespace(info={}), (), {"user": "app"})
+    assert len(opened) == 1 and opened[0].closed

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,11 +24,11 @@ from flask.testing import FlaskClient
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.engine import URL
 
-from myapp.db.replication import Replicas
 from myapp.config import ConfigError
-from myapp.db.config import parse_max_lag
 from myapp.db import ReplicaWriteError, db, routing, sticking
+from myapp.db.config import parse_max_lag
 from myapp.db.replicas import ReplicaSet
+from myapp.db.replication import Replicas
 from myapp.models import Post, RateLimit, User
 from tests.conftest import make_app
 from tests.topology import PgNode, ReplicatedPostgres
@@ -647,3 +648,35 @@ def test_a_user_who_never_wrote_carries_no_position(topology: ReplicatedPostgres
             assert sticking.required_lsn() is None
             cookie[sticking.KEY] = [5, int(time.time())]
             assert sticking.required_lsn() == 5
+
+
+class _SlowCheckEngine:
+    """A check engine whose one check answers "a healthy standby" once released."""
+
+    def __init__(self) -> None:
+        self.asked, self.answer = threading.Event(), threading.Event()
+
+    @contextmanager
+    def connect(self) -> Iterator[Any]:
+        self.asked.set()
+        assert self.answer.wait(10)
+        yield SimpleNamespace(execute=lambda statement: SimpleNamespace(one=lambda: (True, 100)))
+
+
+def test_a_check_under_way_cannot_undo_a_requests_mark_down() -> None:
+    """Bug: a health check that began before a request marked the replica down, and
+    then saw it healthy, put it back in the rotation at once with a stale answer."""
+    replica_set = _fake_set(("healthy", 100))
+    replica = replica_set.replicas[0]
+    check_engine = replica.check_engine = _SlowCheckEngine()  # type: ignore[assignment]
+    checking = threading.Thread(target=replica_set._check_replica, args=(replica,))
+    checking.start()
+    assert check_engine.asked.wait(10)
+    replica_set.mark_down(replica, "a request's read failed")
+    check_engine.answer.set()
+    checking.join(10)
+    assert replica.state == "down" and replica.reason == "a request's read failed"
+    fresh = threading.Thread(target=replica_set._check_replica, args=(replica,))  # a check begun after it
+    fresh.start()
+    fresh.join(10)
+    assert replica.state == "healthy"
