@@ -23,33 +23,15 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import Session, SessionTransaction, SessionTransactionOrigin, sessionmaker
 
 from .engines import READ_ONLY
-from .state import AppState, state_of
+from .session import AUTOCOMMIT_KEY as _AUTOCOMMIT
+from .session import leave_autocommit, require_transaction, state_of
+from .state import AppState
 from .statements import classify
 
 if TYPE_CHECKING:
     from flask import Flask
 
     from .config import DatabaseSettings
-
-# In a pooled connection's info while it reads in autocommit (cleared at checkin).
-_AUTOCOMMIT = "myapp.autocommit_reads"
-
-
-def require_transaction(session: Session) -> None:
-    """Run every later statement of the session's current unit of work in a transaction."""
-    state = state_of(session)
-    state.transactional = True
-    connection, state.reading_connection = state.reading_connection, None
-    if connection is not None and not connection.closed:
-        leave_autocommit(connection)
-
-
-def leave_autocommit(connection: Connection) -> None:
-    """From the next statement on, this connection runs in a transaction."""
-    if connection.info.pop(_AUTOCOMMIT, False):
-        # psycopg's documented switch; it sends BEGIN before the next statement.
-        connection.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
-
 
 class ReadOnlyAutocommit:
     """The feature: reads in autocommit until the unit of work needs a transaction."""

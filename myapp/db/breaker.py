@@ -32,8 +32,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .bulkhead import Bulkhead
 from .errors import DatabaseUnavailable, describe_error
-from .session import AppSession
-from .state import AppState, StateAccess, state_of
+from .session import AppSession, state_of
+from .state import AppState, StateAccess
 
 if TYPE_CHECKING:
     from flask import Flask

@@ -9,9 +9,8 @@ what it adds to a session's birth (``AppState.openers``), and its Flask hooks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from flask import Flask
 
 from .autocommit import ReadOnlyAutocommit
 from .breaker import Guards
@@ -21,6 +20,9 @@ from .instrumentation import QueryBudget, SlowQueryLog
 from .replication import Replicas
 from .state import AppState
 from .tracking import WriteTracking
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 class Feature(Protocol):

@@ -1,23 +1,18 @@
-"""How a session lives and dies, in one place.
+"""How a session lives and dies, in one place; read it top to bottom.
 
-1. ``init_app`` reads the app's database settings once, builds its engines and its
+1. ``init_app`` reads the database settings once, builds the engines and the
    sessionmaker, and installs the features those settings switch on (``features``).
-2. The first use of ``db.session`` inside an app context asks the registry for the
-   session of *that* context; the registry makes it from the app's sessionmaker, bound
-   for reading only when the request promises not to write (GET, HEAD, OPTIONS), and
-   the features' openers run (the bulkhead's slot, the breaker, the replicas).
-3. Work ends with an explicit commit, best through ``with db.transaction():``. With
-   ``DATABASE_COMMIT_ON_SUCCESS`` on, a request that wrote and answers 2xx/3xx is
-   committed before its response leaves.
-4. ``teardown_appcontext`` removes the session when the context ends, for every request
-   and every CLI command, whether the view returned or raised: what was not committed
-   is rolled back (and reported: a forgotten commit is a bug), the connection goes back
-   to the pool, and the bulkhead slot is given back. Should that teardown never run
-   (another teardown raised before it), the session is closed when its context is
-   freed, and no later context can get it.
+2. The first use of ``db.session`` in an app context makes that context's session,
+   bound for reading only if the request promises not to write, and runs each
+   feature's opener (the bulkhead's slot, the breaker, the replicas).
+3. Work ends with an explicit commit (``db.transaction()``), or, with
+   ``DATABASE_COMMIT_ON_SUCCESS``, one made for a request that wrote and succeeded.
+4. ``teardown_appcontext`` removes the session, whether the view returned or raised:
+   the uncommitted is rolled back (and reported), the connection and the slot go back.
+   If that teardown never runs, the session is closed when its context is freed.
 
-The methods of ``db`` that belong to one feature live with it: units of work
-(``units``), replicas (``replication``), health (``breaker``), Galera, testing.
+The ``db`` methods of one feature live with it: ``units``, ``replication``,
+``breaker`` (health), ``galera``, ``testing``.
 """
 
 from __future__ import annotations
@@ -41,8 +36,8 @@ from .errors import describe_error
 from .features import install_features
 from .galera import GaleraMethods
 from .replication import READ_ONLY_METHODS, ReplicaMethods
-from .session import AppSession
-from .state import AppState, state_of
+from .session import AppSession, state_of
+from .state import AppState
 from .testing import TestingMethods
 from .tracking import LostWriteError, describe_uncommitted, has_writes
 from .units import UnitsOfWork, current_app_or_raise, install_commit_hooks

@@ -18,8 +18,8 @@ from .config import DatabaseSettings, ReplicaSettings
 from .engines import make_check_engine, make_engine
 from .errors import mask_url
 from .replicas import Replica, ReplicaSet
-from .session import AppSession
-from .state import AppState, StateAccess, state_of
+from .session import AppSession, state_of
+from .state import AppState, StateAccess
 
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 

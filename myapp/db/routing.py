@@ -26,11 +26,10 @@ from sqlalchemy import Connection, Engine, Result, event
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
-from .autocommit import require_transaction
 from .engines import READ_ONLY
 from .errors import describe_error
 from .replicas import Replica, ReplicaSet
-from .state import state_of
+from .session import require_transaction, state_of
 from .statements import classify
 
 log = logging.getLogger("myapp.db.replicas")

@@ -1,9 +1,6 @@
-"""Typed state: what one session knows (``SessionState``) and what ``init_app`` built
-for one app (``AppState``).
-
-Every feature reads and writes its session's fields here, by name, instead of keys
-in ``session.info`` (SQLAlchemy leaves ``info`` to the application's own use).
-"""
+"""What ``init_app`` built for one app (``AppState``): typed, and shared by the
+lifecycle, the features and the ``db`` methods that live with them. What one session
+knows is ``session.SessionState``."""
 
 from __future__ import annotations
 
@@ -11,16 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, Engine
-from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+from sqlalchemy import Engine
+from sqlalchemy.orm import scoped_session, sessionmaker
 
 from .config import DatabaseSettings
+from .session import AppSession
 
 if TYPE_CHECKING:
     from flask import Flask
-    from sqlalchemy.orm import scoped_session
-
-    from .session import AppSession
 
 F = TypeVar("F")
 
@@ -28,40 +23,7 @@ F = TypeVar("F")
 CONNECTION_KEY = "myapp.session_state"
 
 
-@dataclass(eq=False)
-class SessionState:
-    """What one session knows about itself, for its whole life."""
-
-    origin: str = "a session"  # "request GET posts.detail", "command db seed": for messages
-    release_slot: Callable[[], None] | None = None  # gives its bulkhead slot back when the session ends
-    # Units of work (``units``): db.transaction() nesting, after-commit callbacks.
-    depth: int = 0
-    on_commit: list[tuple[SessionTransaction, Callable[[], Any]]] = field(default_factory=list)
-    # Writes (``tracking``): what was sent and not yet committed, and whether a write
-    # was ever committed. Together they are the one answer to "did this session write".
-    uncommitted: list[str] = field(default_factory=list)
-    committed_writes: bool = False
-    flushing: bool = False  # statements inside a flush are named by its objects instead
-    # Routing (``autocommit``, ``routing``): the unit of work asked for a transaction;
-    # the connection reading in autocommit until it does; statements pinned to the primary.
-    transactional: bool = False
-    reading_connection: Connection | None = None
-    primary_only: int = 0
-    refuse_writes: bool = False  # a replica-only session (db.replica_session())
-    reads: Any = None  # routing.ReplicaReads when this session may read from a replica
-
-    @property
-    def wrote(self) -> bool:
-        """True once the session has sent a write, committed or not."""
-        return self.committed_writes or bool(self.uncommitted)
-
-
-def state_of(session: Session) -> SessionState:
-    """The state of one of the layer's sessions (an ``AppSession``)."""
-    return session.state  # type: ignore[attr-defined,no-any-return]
-
-
-Opener = Callable[["AppSession", bool], None]  # (session, reading): a context's session is born
+Opener = Callable[[AppSession, bool], None]  # (session, reading): a context's session is born
 
 
 @dataclass(eq=False)

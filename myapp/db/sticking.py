@@ -20,7 +20,7 @@ from werkzeug.wrappers import Response
 
 from .errors import describe_error
 from .replicas import PRIMARY_LSN_SQL, ReplicaSet
-from .state import state_of
+from .session import state_of
 
 log = logging.getLogger("myapp.db.replicas")
 

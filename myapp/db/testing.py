@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from flask import Flask
 
 from .state import StateAccess
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 class TestingMethods(StateAccess):

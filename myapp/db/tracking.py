@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, event, inspect
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
-from .state import CONNECTION_KEY, AppState, SessionState, state_of
+from .session import SessionState, state_of
+from .state import CONNECTION_KEY, AppState
 from .statements import classify
 
 if TYPE_CHECKING:

@@ -16,10 +16,9 @@ from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
-from .autocommit import require_transaction
 from .errors import describe_error, is_retryable
-from .session import AppSession
-from .state import StateAccess, state_of
+from .session import AppSession, require_transaction, state_of
+from .state import StateAccess
 from .tracking import has_writes
 
 log = logging.getLogger(__name__)

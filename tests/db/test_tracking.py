@@ -8,7 +8,7 @@ from flask import Flask
 from sqlalchemy import text
 
 from myapp.db import LostWriteError, db, has_writes
-from myapp.db.state import state_of
+from myapp.db.session import state_of
 from myapp.db.tracking import describe_uncommitted
 from myapp.models import User
 

@@ -388,11 +388,10 @@ class _Index:
         return bool(names) and all(name in self.own_classes for name in names)  # type: ignore[union-attr]
 
     def _own_module_names(self, module: Module) -> set[str]:
-        names = set()
+        names = {node.name for node in module.tree.body
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
         for node, _ in _with_kinds(module.tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node in module.tree.body:
-                names.add(node.name)
-            elif isinstance(node, ast.Import):
+            if isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name.split(".")[0] == module.name.split(".")[0]:
                         names.add(alias.asname or alias.name.split(".")[0])
@@ -406,6 +405,9 @@ class _Index:
         for node in module.tree.body:
             if isinstance(node, ast.Assign) and self.is_own_value(node.value, lambda name: name in names):
                 names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
+            elif (isinstance(node, ast.AnnAssign) and node.value is not None and isinstance(node.target, ast.Name)
+                  and self.is_own_value(node.value, lambda name: name in names)):
+                names.add(node.target.id)
         return names
 
     def is_own_value(self, value: ast.expr, is_own_name: Callable[[str], bool]) -> bool:
@@ -455,6 +457,8 @@ class _Checker(ast.NodeVisitor):
     def is_own(self, node: ast.expr) -> bool:
         if isinstance(node, ast.Name):
             return self.is_own_name(node.id)
+        if isinstance(node, ast.Call):  # state_of(session): a function of ours returning a class of ours
+            return self.index.is_own_value(node, self.is_own_name)
         return (
             isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Name)
