@@ -45,3 +45,12 @@ def test_an_unknown_revision_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(BaselineUnavailable, match="rev-parse"):
         extract("no-such-revision-anywhere", tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_median_interval_is_the_order_statistics_with_their_binomial_coverage() -> None:
+    from bench.report import median_interval
+
+    assert median_interval([0.9, 1.1]) is None  # too few repeats to say anything
+    assert median_interval([5.0, 1.0, 4.0, 2.0, 3.0]) == (1.0, 5.0, 1 - 2 / 32)  # 5 repeats: min to max, 93.75 %
+    low, high, coverage = median_interval([float(x) for x in range(10)])  # type: ignore[misc]
+    assert (low, high) == (1.0, 8.0) and round(coverage, 4) == 0.9785
