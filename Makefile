@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test lint migrate clean bench bench-replicas bench-galera reliability
+.PHONY: run test lint migrate clean bench bench-baseline bench-replicas bench-galera reliability
 
 # Reinstall when the dependency list changes.
 $(STAMP): setup.cfg pyproject.toml
@@ -37,6 +37,12 @@ bench: $(BENCH_STAMP)
 	command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || true
 	$(BIN)/python -m bench.run
 	if [ "$(BENCH_REPLICAS)" = 1 ]; then $(BIN)/python -m bench.replicas; fi
+
+# The post page against the commit before the database layer's redesign (bench/baseline.py),
+# alone: `make bench` runs it too. BENCH_BASELINE=<git rev> picks another baseline.
+bench-baseline: $(BENCH_STAMP)
+	command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || true
+	$(BIN)/python -m bench.baseline
 
 # Read replicas (bench/replicas.py): starts its own primary and two standbys (needs the
 # PostgreSQL server binaries), adds its section to docs/performance.md. Also run by

@@ -1,14 +1,15 @@
 """Turn a run's results into ``docs/performance.md`` and ``docs/performance.png``.
 
 ``python -m bench.report`` rewrites both from ``bench/results/latest.json`` without
-measuring again, with the sections of ``bench/replicas.py`` and ``bench/galera.py`` from
-their own results files (and the latter's chart); the hand-written part (what was tried,
-profiles) is ``bench/notes.md``.
+measuring again, with the sections of ``bench/baseline.py``, ``bench/replicas.py`` and
+``bench/galera.py`` from their own results files (and the charts of the first and last);
+the hand-written part (what was tried, profiles) is ``bench/notes.md``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -22,6 +23,8 @@ RESULTS = ROOT / "bench" / "results" / "latest.json"
 REPLICA_RESULTS = ROOT / "bench" / "results" / "replicas.json"  # bench/replicas.py
 GALERA_RESULTS = ROOT / "bench" / "results" / "galera.json"  # bench/galera.py
 GALERA_CHART = ROOT / "docs" / "performance-galera.png"
+BASELINE_RESULTS = ROOT / "bench" / "results" / "baseline.json"  # bench/baseline.py
+BASELINE_CHART = ROOT / "docs" / "performance-baseline.png"
 
 APPS = (
     "myapp", "flask-sqlalchemy", "flask-docs", "psycopg", "bare-flask",
@@ -53,13 +56,22 @@ def medians(cells: list[dict[str, Any]], backend: str) -> dict[tuple[str, str], 
     }
 
 
-def ratio(cells: list[dict[str, Any]], app: str, peer: str, route: str, backend: str = "postgresql") -> float | None:
-    """Median over repeats of app/peer throughput, each pair measured in the same repeat."""
+def per_repeat_ratios(
+    cells: list[dict[str, Any]], app: str, peer: str, route: str, backend: str = "postgresql", key: str = "rps"
+) -> list[float]:
+    """app/peer of ``key`` (throughput unless told) in each repeat that measured both."""
     by_repeat: dict[int, dict[str, float]] = defaultdict(dict)
     for cell in cells:
-        if cell["backend"] == backend and cell["route"] == route and cell["app"] in (app, peer):
-            by_repeat[cell["repeat"]][cell["app"]] = cell["rps"]
-    ratios = [r[app] / r[peer] for r in by_repeat.values() if app in r and peer in r and r[peer]]
+        if cell["backend"] == backend and cell["route"] == route and cell["app"] in (app, peer) and cell.get(key) is not None:
+            by_repeat[cell["repeat"]][cell["app"]] = cell[key]
+    return [r[app] / r[peer] for _, r in sorted(by_repeat.items()) if app in r and peer in r and r[peer]]
+
+
+def ratio(
+    cells: list[dict[str, Any]], app: str, peer: str, route: str, backend: str = "postgresql", key: str = "rps"
+) -> float | None:
+    """Median over repeats of app/peer throughput (or ``key``), each pair measured in the same repeat."""
+    ratios = per_repeat_ratios(cells, app, peer, route, backend, key)
     return statistics.median(ratios) if ratios else None
 
 
@@ -166,6 +178,139 @@ def chart(results: dict[str, Any]) -> None:
     fig.suptitle("PostgreSQL, gunicorn 2 workers x 4 threads, wrk 8 connections on loopback", fontsize=10)
     fig.tight_layout()
     fig.savefig(CHART, dpi=110)
+    plt.close(fig)
+
+
+def _change(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x ({(value - 1) * 100:+.1f} %)"
+
+
+def median_interval(values: list[float]) -> tuple[float, float, float] | None:
+    """A distribution-free interval of the median of ``values``: from the k-th smallest to the
+    k-th largest, k the largest giving at least 95 % coverage (at least 1), and that coverage
+    (binomial; it assumes independent repeats, which a busy machine's slow minutes are not)."""
+    n = len(values)
+    if n < 3:
+        return None
+    below = lambda k: sum(math.comb(n, i) for i in range(k)) / 2**n  # noqa: E731 (P(fewer than k below the median))
+    k = max([1] + [k for k in range(1, n // 2 + 1) if below(k) <= 0.025])
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k], 1 - 2 * below(k)
+
+
+def _interval(values: list[float]) -> str:
+    found = median_interval(values)
+    if found is None:
+        return "–"
+    low, high, coverage = found
+    verdict = "includes 1.00: no change resolved" if low <= 1 <= high else "excludes 1.00"
+    return f"{low:.2f} – {high:.2f} ({coverage:.1%}; {verdict})"
+
+
+def baseline_section(baseline: dict[str, Any]) -> list[str]:
+    """This checkout's post page against the commit before the database layer's redesign
+    (``bench/baseline.py``, in ``make bench`` or a run of its own)."""
+    cells, base, current = baseline["cells"], baseline["baseline"], baseline["current"]
+    rps = per_repeat_ratios(cells, "current", "baseline", "post")
+    cpu = per_repeat_ratios(cells, "current", "baseline", "post", key="cpu_us_per_request")
+    rps_median = statistics.median(rps) if rps else None
+    cpu_median = statistics.median(cpu) if cpu else None
+    here = f"`{current['short']}`" + (" with uncommitted changes" if current["uncommitted_changes"] else "")
+    lines = [
+        "",
+        f"## The post page against the baseline (`{base['short']}`, before the database layer's redesign)",
+        "",
+        f"`{baseline['command']}` ({baseline['date']}, {baseline['total_seconds']} s; `bench/baseline.py`): "
+        f"`GET /posts/<id>` (random ids) of this checkout ({here}) and of the baseline `{baseline['revision']}` = "
+        f"`{base['short']}` (\"{base['subject'][:90]}\"), extracted with `git archive`. Each side is served by "
+        f"gunicorn with its own tree's `gunicorn.conf.py` and `wsgi.py` ({baseline['workers']} workers x "
+        f"{baseline['threads']} threads, the fault-handling defaults on), from the same venv, on the same seeded "
+        f"PostgreSQL database; {baseline['load_generator']} with {baseline['connections']} connections, "
+        f"{baseline['seconds']:g} s cells, {baseline['repeats']} repeats alternating which side goes first. "
+        "Worker CPU is the user + system time of the gunicorn workers (from /proc, summed over the workers) "
+        "divided by the requests of the cell; it moves less than req/s when other work takes the cores. "
+        f"Every worker checked which `myapp` it imported: the baseline's "
+        f"{len(baseline['imported'].get('baseline', {}))} from the extracted tree, the current "
+        f"{len(baseline['imported'].get('current', {}))} from this checkout. Load average "
+        f"{baseline['load_average'][0]} at the start, {baseline['load_average'][1]} at the end.",
+        "",
+        f"![the post page, current and baseline, per repeat]({BASELINE_CHART.name})",
+        "",
+        "| side | req/s (median) | worker CPU µs/request (median) | p50 ms | p99 ms | errors |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for side, label in (("current", f"current ({here})"), ("baseline", f"baseline (`{base['short']}`)")):
+        mine = [c for c in cells if c["app"] == side]
+        cpus = [c["cpu_us_per_request"] for c in mine if c.get("cpu_us_per_request") is not None]
+        lines.append(
+            f"| {label} | {statistics.median(c['rps'] for c in mine):.0f} | "
+            f"{_fmt(statistics.median(cpus) if cpus else None, 0)} | {statistics.median(c['p50_ms'] for c in mine):.2f} | "
+            f"{statistics.median(c['p99_ms'] for c in mine):.2f} | {sum(c['errors'] for c in mine)} |"
+        )
+    lines += [
+        "",
+        "| current / baseline | median of the per-repeat ratios | interval of that median (its coverage) "
+        "| lowest – highest repeat |",
+        "|---|--:|--:|--:|",
+        f"| req/s (higher is better) | {_change(rps_median)} | {_interval(rps)} | "
+        f"{_fmt(min(rps, default=None))} – {_fmt(max(rps, default=None))} |",
+        f"| worker CPU per request (lower is better) | {_change(cpu_median)} | {_interval(cpu)} | "
+        f"{_fmt(min(cpu, default=None))} – {_fmt(max(cpu, default=None))} |",
+        "",
+    ]
+    if rps_median is not None and cpu_median is not None:
+        lines.append(
+            f"Changed from the baseline: throughput {(rps_median - 1) * 100:+.1f} %, worker CPU per request "
+            f"{(cpu_median - 1) * 100:+.1f} %."
+            + (" Both sides run the same `myapp` (equal git trees), so these figures are the noise of the method "
+               "on this machine, not a change." if baseline.get("same_myapp") else "")
+        )
+    if any(c.get("workers_replaced") for c in cells):
+        lines.append("A worker was replaced during at least one cell: that cell's CPU misses the replaced worker.")
+    for note in baseline.get("notes", []):
+        lines += ["", f"Note: {note}"]
+    return lines
+
+
+def baseline_chart(baseline: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells, short = baseline["cells"], baseline["baseline"]["short"]
+    colours = {"current": "#1f6feb", "baseline": "#8b949e"}
+    labels = {"current": f"current ({baseline['current']['short']})", "baseline": f"baseline ({short})"}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for axis, key, title in ((axes[0], "rps", "req/s"), (axes[1], "cpu_us_per_request", "worker CPU µs/request")):
+        for side in ("current", "baseline"):
+            mine = sorted((c["repeat"], c[key]) for c in cells if c["app"] == side and c.get(key) is not None)
+            axis.plot([r for r, _ in mine], [v for _, v in mine], "o-", color=colours[side], label=labels[side])
+        axis.set_title(f"GET /posts/<id>: {title}, each repeat", fontsize=9)
+        axis.set_xlabel("repeat", fontsize=8)
+        axis.set_ylim(bottom=0)
+        axis.legend(fontsize=7, loc="lower right")
+        axis.tick_params(labelsize=8)
+    for n, (key, label) in enumerate((("rps", "req/s"), ("cpu_us_per_request", "CPU/request"))):
+        ratios = per_repeat_ratios(cells, "current", "baseline", "post", key=key)
+        axes[2].plot([n] * len(ratios), ratios, "o", color="black", markersize=4, alpha=0.6)
+        if ratios:
+            middle = statistics.median(ratios)
+            axes[2].hlines(middle, n - 0.25, n + 0.25, color=colours["current"], linewidth=2)
+            interval = median_interval(ratios)
+            if interval is not None:  # the median's interval (>= 95 % coverage when there are enough repeats)
+                axes[2].vlines(n + 0.3, interval[0], interval[1], color=colours["current"], linewidth=4, alpha=0.35)
+            axes[2].annotate(f"{middle:.2f}x", (n + 0.36, middle), va="center", fontsize=8)
+    axes[2].axhline(1.0, color="#8b949e", linestyle="--", linewidth=1)
+    axes[2].set_xticks([0, 1], ["req/s\n(higher is better)", "worker CPU/request\n(lower is better)"], fontsize=8)
+    axes[2].set_xlim(-0.6, 1.8)
+    axes[2].set_title("current / baseline: dots per repeat, bar median,\nband its interval (order statistics)", fontsize=9)
+    axes[2].tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"This checkout against {short} (before the database layer's redesign), PostgreSQL, gunicorn "
+                 f"{baseline['workers']} workers x {baseline['threads']} threads, {baseline['repeats']} interleaved repeats",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(BASELINE_CHART, dpi=110)
     plt.close(fig)
 
 
@@ -382,6 +527,9 @@ def write(results: dict[str, Any], main_chart: bool = True) -> None:
     ]
     for goal, measured, met in goals(results):
         lines.append(f"| {goal} | {measured} | {'met' if met else '**not met**'} |")
+    baseline = json.loads(BASELINE_RESULTS.read_text()) if BASELINE_RESULTS.exists() else None
+    if baseline is not None:
+        lines += baseline_section(baseline)
     lines += ["", "## PostgreSQL: every app", ""]
     lines += table(results, "postgresql", APPS)
     connections = results.get("connections", {})
@@ -464,6 +612,8 @@ def write(results: dict[str, Any], main_chart: bool = True) -> None:
         chart(results)
     if galera is not None:
         galera_chart(galera)
+    if baseline is not None:
+        baseline_chart(baseline)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Settings (environment): ``BENCH_POSTGRES_URL`` / ``BENCH_MYSQL_URL`` (a server w
 a ``myapp_bench`` database may be created and dropped; default the test URLs, then
 the local services), ``BENCH_SECONDS`` (per cell, default 2), ``BENCH_REPEATS`` (6: short cells, many
 turns, so that a noisy moment falls on every app alike),
-``BENCH_CONNECTIONS`` (8, the default 2 workers x 4 threads).
+``BENCH_CONNECTIONS`` (8, the default 2 workers x 4 threads). After the PostgreSQL matrix,
+``bench/baseline.py`` compares the post page with the commit before the database layer's
+redesign (``BENCH_BASELINE``, ``BENCH_BASELINE_REPEATS``).
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ class Seeded:
 
 
 @contextmanager
-def throwaway_database(kind: str, server: str | None) -> Iterator[URL]:
-    """``myapp_bench`` on the server (SQLite: a temporary file), dropped at the end."""
+def throwaway_database(kind: str, server: str | None, name: str = DATABASE) -> Iterator[URL]:
+    """``myapp_bench`` (or ``name``) on the server (SQLite: a temporary file), dropped at the end."""
     if kind == "sqlite":
         with tempfile.TemporaryDirectory(prefix="myapp-bench-") as folder:
             yield make_url(f"sqlite:///{folder}/bench.sqlite")
@@ -101,12 +103,12 @@ def throwaway_database(kind: str, server: str | None) -> Iterator[URL]:
     charset = " CHARACTER SET utf8mb4" if kind == "mysql" else ""
     try:
         with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {DATABASE}{force}"))
-            connection.execute(text(f"CREATE DATABASE {DATABASE}{charset}"))
-        yield make_url(server).set(database=DATABASE)
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
+            connection.execute(text(f"CREATE DATABASE {name}{charset}"))
+        yield make_url(server).set(database=name)
     finally:
         with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {DATABASE}{force}"))
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
         admin.dispose()
 
 
@@ -157,9 +159,22 @@ class Server:
     def workers(self) -> list[psutil.Process]:
         return psutil.Process(self.process.pid).children()
 
+    def worker_cpu_seconds(self) -> dict[int, float]:
+        """CPU time (user + system, from /proc/<pid>/stat) of each worker so far, by pid."""
+        seconds = {}
+        for worker in self.workers():
+            try:
+                times = worker.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            seconds[worker.pid] = times.user + times.system
+        return seconds
 
-def start_server(name: str, module: str, database_url: URL, folder: Path, extra: dict[str, str], tag: str = "") -> Server:
-    """gunicorn with the project's gunicorn.conf.py, on a free loopback port."""
+
+def start_server(
+    name: str, module: str, database_url: URL, folder: Path, extra: dict[str, str], tag: str = "", cwd: Path = ROOT
+) -> Server:
+    """gunicorn with the ``gunicorn.conf.py`` of ``cwd`` (the project's), on a free loopback port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
@@ -179,7 +194,7 @@ def start_server(name: str, module: str, database_url: URL, folder: Path, extra:
     with log_file.open("wb") as sink:
         process = subprocess.Popen(
             [str(GUNICORN), "-c", "gunicorn.conf.py", "--no-control-socket", module],
-            cwd=ROOT, env=environment, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=cwd, env=environment, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
     server = Server(name, process, f"http://127.0.0.1:{port}", log_file)
     deadline = time.monotonic() + 30
@@ -198,6 +213,11 @@ def start_server(name: str, module: str, database_url: URL, folder: Path, extra:
 
 
 def stop_server(server: Server) -> None:
+    """Stop gunicorn's master, then make sure its workers (by pid) are gone too."""
+    try:
+        workers = server.workers()
+    except psutil.NoSuchProcess:
+        workers = []
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGTERM)
         try:
@@ -205,6 +225,10 @@ def stop_server(server: Server) -> None:
         except subprocess.TimeoutExpired:
             server.process.kill()
             server.process.wait()
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    for worker in alive:
+        log(f"{server.name}: worker {worker.pid} outlived its master; killing it")
+        worker.kill()
 
 
 def rss_mb(server: Server) -> list[float]:
@@ -257,12 +281,19 @@ class Results:
 
 
 def measure(results: Results, backend: str, server: Server, route: loadgen.Route, repeat: int, seconds: float) -> None:
+    cpu_before = server.worker_cpu_seconds()
     sample = loadgen.run(server.url, route, seconds, int(os.environ.get("BENCH_CONNECTIONS", "8")))
+    cpu_after = server.worker_cpu_seconds()
+    # Summed over the workers alive at both ends (a replaced worker's time is lost, so say so).
+    cpu = sum(cpu_after[pid] - cpu_before[pid] for pid in cpu_after.keys() & cpu_before.keys())
     results.cells.append(
-        {"backend": backend, "app": server.name, "route": route.name, "repeat": repeat, **asdict(sample), "rps": sample.rps}
+        {"backend": backend, "app": server.name, "route": route.name, "repeat": repeat, **asdict(sample), "rps": sample.rps,
+         "worker_cpu_s": round(cpu, 3), "cpu_us_per_request": round(cpu / sample.requests * 1e6, 1) if sample.requests else None,
+         "workers_replaced": cpu_after.keys() != cpu_before.keys()}
     )
     log(f"{backend:10} {server.name:17} {route.name:7} #{repeat}: {sample.rps:7.0f} req/s  "
-        f"p50 {sample.p50_ms:6.2f} ms  p99 {sample.p99_ms:6.2f} ms  errors {sample.errors}")
+        f"p50 {sample.p50_ms:6.2f} ms  p99 {sample.p99_ms:6.2f} ms  errors {sample.errors}  "
+        f"worker CPU {results.cells[-1]['cpu_us_per_request']} µs/request")
 
 
 def routes_for(seeded: Seeded) -> dict[str, loadgen.Route]:
@@ -347,6 +378,12 @@ def postgres_phase(results: Results, server_url: str, repeats: int, seconds: flo
         finally:
             for server in servers:
                 stop_server(server)
+        from bench import baseline
+
+        try:
+            baseline.save(baseline.compare(url, seeded.max_post_id, folder, command="make bench"))
+        except baseline.BaselineUnavailable as error:
+            results.notes.append(f"No comparison with the baseline: {error}")
 
 
 def single_app_phase(results: Results, backend: str, server_url: str | None, repeats: int, seconds: float, folder: Path) -> None:
@@ -359,6 +396,11 @@ def single_app_phase(results: Results, backend: str, server_url: str | None, rep
             run_matrix(results, backend, [server], seeded, repeats, seconds)
         finally:
             stop_server(server)
+
+
+def postgres_server() -> str:
+    return (os.environ.get("BENCH_POSTGRES_URL") or os.environ.get("TEST_POSTGRES_URL")
+            or "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def reachable(url: str) -> bool:
@@ -376,7 +418,7 @@ def main() -> None:
     started = time.monotonic()
     seconds = float(os.environ.get("BENCH_SECONDS", "2"))
     repeats = int(os.environ.get("BENCH_REPEATS", "6"))
-    postgres = os.environ.get("BENCH_POSTGRES_URL") or os.environ.get("TEST_POSTGRES_URL") or "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    postgres = postgres_server()
     mysql = os.environ.get("BENCH_MYSQL_URL") or os.environ.get("TEST_MYSQL_URL") or "mysql+pymysql://root@127.0.0.1:3306/test"
     results = Results(
         machine={
@@ -409,13 +451,7 @@ def main() -> None:
             single_app_phase(results, "mysql", mysql, other_repeats, other_seconds, folder)
         else:
             results.notes.append(f"MariaDB was not reachable at {make_url(mysql)!r}: no MariaDB figures.")
-        for server_log in sorted(folder.glob("*.log")):
-            content = server_log.read_text(errors="replace")
-            if "Traceback" in content:
-                results.notes.append(
-                    f"{server_log.stem}'s gunicorn log has {content.count('Traceback')} traceback(s): "
-                    + "; ".join(f"`{error[:200]}`" for error in sorted(set(_raised(content))))
-                )
+        results.notes += traceback_notes(folder)
     results.settings["total_seconds"] = round(time.monotonic() - started)
     results.machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.parent.mkdir(exist_ok=True)
@@ -424,6 +460,19 @@ def main() -> None:
 
     report.write(asdict(results))
     log(f"done in {results.settings['total_seconds']} s: docs/performance.md")
+
+
+def traceback_notes(folder: Path) -> list[str]:
+    """One note per gunicorn log of ``folder`` that holds tracebacks."""
+    notes = []
+    for server_log in sorted(folder.glob("*.log")):
+        content = server_log.read_text(errors="replace")
+        if "Traceback" in content:
+            notes.append(
+                f"{server_log.stem}'s gunicorn log has {content.count('Traceback')} traceback(s): "
+                + "; ".join(f"`{error[:200]}`" for error in sorted(set(_raised(content))))
+            )
+    return notes
 
 
 def _raised(log_text: str) -> list[str]:
@@ -461,4 +510,7 @@ def _versions() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as bench.run, the module bench/baseline.py imports: one copy of its state (SECRET_KEY).
+    from bench import run
+
+    run.main()

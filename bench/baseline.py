@@ -1,0 +1,197 @@
+"""The post page of this checkout against the baseline, the commit before the redesign of
+the database layer (issue 16), served side by side in one run.
+
+Both sides are served by gunicorn with their own tree's ``gunicorn.conf.py`` and
+``wsgi.py`` (2 workers x 4 threads, the fault-handling defaults on), from the same venv
+and on the same seeded PostgreSQL database. The baseline is extracted with
+``git archive`` into a temporary folder, which comes first on the baseline server's
+``PYTHONPATH``; each worker logs the ``myapp`` it imported (``bench/served_wsgi.py``) and
+the comparison stops if a baseline worker runs this checkout's code. ``GET /posts/<id>``
+(random ids) is loaded on the two in turn, their order alternating, for every repeat;
+each cell records req/s and the workers' CPU time (user + system, from /proc) per
+request; the report gives the medians of the per-repeat ratios.
+
+``make bench`` runs it after its PostgreSQL matrix, on the same database;
+``make bench-baseline`` (``python -m bench.baseline``) runs it alone, on a database of its
+own (``myapp_bench_baseline``), and rewrites ``docs/performance.md``.
+
+Settings (environment): ``BENCH_BASELINE`` (a git revision, default ``BASELINE``),
+``BENCH_BASELINE_REPEATS`` (10, at least 5), ``BENCH_SECONDS`` (per cell, 2),
+``BENCH_CONNECTIONS`` (8), ``BENCH_POSTGRES_URL``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+
+from bench import loadgen
+from bench.run import (
+    DATABASE, ROOT, THREADS, WORKERS, Results, Server, log, measure, migrate_and_seed, postgres_server, reachable,
+    start_server, stop_server, throwaway_database, traceback_notes,
+)
+
+BASELINE = "0fa6e80"  # main's head before the redesign of myapp/db/ landed
+RESULTS = ROOT / "bench" / "results" / "baseline.json"
+TREE = ("myapp", "wsgi.py", "gunicorn.conf.py")  # what serving needs; not bench/, which stays this checkout's
+MODULE = "bench.served_wsgi:app"
+SIDES = ("current", "baseline")
+SERVED = re.compile(r"^bench-served pid=(\d+) myapp=(\S+)", re.MULTILINE)
+
+
+class BaselineUnavailable(RuntimeError):
+    """The baseline revision cannot be extracted (not a git checkout, unknown revision)."""
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        raise BaselineUnavailable(f"git {' '.join(args)}: {detail.strip()}") from None
+    return done.stdout.strip()
+
+
+def extract(revision: str, folder: Path) -> str:
+    """The served files of ``revision`` (``TREE``) into ``folder``; returns the full commit id."""
+    commit = _git("rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")
+    archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", commit, *TREE], stdout=subprocess.PIPE)
+    assert archive.stdout is not None
+    untar = subprocess.run(["tar", "-x", "-C", str(folder)], stdin=archive.stdout, capture_output=True)
+    archive.stdout.close()
+    if archive.wait() != 0 or untar.returncode != 0:
+        raise BaselineUnavailable(f"git archive {commit} {' '.join(TREE)} failed: {untar.stderr.decode().strip()}")
+    return commit
+
+
+def environment(tree: Path) -> dict[str, str]:
+    """What a server of an extracted ``tree`` needs: its folder before everything, then this
+    checkout for ``bench.served_wsgi`` (the venv's editable ``myapp`` only comes after both)."""
+    return {"PYTHONPATH": os.pathsep.join((str(tree), str(ROOT)))}
+
+
+def served_from(server: Server, timeout: float = 10) -> dict[int, str]:
+    """The ``myapp/__init__.py`` each live worker imported, from its line in the server's log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = {int(pid): path for pid, path in SERVED.findall(server.log.read_text(errors="replace"))}
+        workers = {worker.pid for worker in server.workers()}
+        if workers <= lines.keys() or time.monotonic() > deadline:
+            return {pid: lines.get(pid, "(no line)") for pid in sorted(workers)}
+        time.sleep(0.2)
+
+
+def _describe(commit: str) -> dict[str, str]:
+    return {"commit": commit, "short": commit[:7], "subject": _git("log", "-1", "--format=%s", commit)}
+
+
+def _changed_here() -> bool:
+    """Whether this checkout's served files differ from its HEAD (uncommitted changes)."""
+    return bool(_git("status", "--porcelain", "--", *TREE))
+
+
+def compare(url: URL, max_post_id: int, folder: Path, command: str, revision: str | None = None) -> dict[str, Any]:
+    revision = revision or os.environ.get("BENCH_BASELINE") or BASELINE
+    repeats = max(5, int(os.environ.get("BENCH_BASELINE_REPEATS", "10")))
+    seconds = float(os.environ.get("BENCH_SECONDS", "2"))
+    started = time.monotonic()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    current = {**_describe(_git("rev-parse", "HEAD")), "uncommitted_changes": _changed_here()}
+    measured = Results()
+    imported: dict[str, dict[int, str]] = {}
+    with tempfile.TemporaryDirectory(prefix="myapp-baseline-") as extracted:
+        tree = Path(extracted)
+        baseline = _describe(extract(revision, tree))
+        log(f"baseline {revision} = {baseline['short']} ({baseline['subject'][:60]}) extracted into {tree}")
+        roots = {"current": ROOT, "baseline": tree}
+        servers: list[Server] = []
+        try:
+            for side in SIDES:
+                extra = environment(tree) if side == "baseline" else {}
+                servers.append(start_server(side, MODULE, url, folder, {**extra, "DATABASE_APP_NAME": f"myapp-bench-{side}"},
+                                            tag="baseline-", cwd=roots[side]))
+            route = loadgen.Route("post", max_id=max_post_id)
+            for server in servers:  # imports, connections, statement caches
+                loadgen.run(server.url, route, 1, 8)
+            for server in servers:
+                imported[server.name] = served_from(server)
+                wrong = {pid: path for pid, path in imported[server.name].items()
+                         if not Path(path).is_relative_to(roots[server.name] / "myapp")}
+                if wrong:
+                    raise RuntimeError(f"{server.name} workers did not import myapp from {roots[server.name]}: {wrong}")
+                log(f"{server.name}: every worker imported {sorted(set(imported[server.name].values()))}")
+            for repeat in range(repeats):
+                shift = repeat % len(servers)
+                for server in servers[shift:] + servers[:shift]:
+                    measure(measured, "postgresql", server, route, repeat, seconds)
+        finally:
+            for server in servers:
+                stop_server(server)
+    same_code = not current["uncommitted_changes"] and (
+        _git("rev-parse", f"{current['commit']}:myapp") == _git("rev-parse", f"{baseline['commit']}:myapp")
+    )
+    results: dict[str, Any] = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "revision": revision,
+        "baseline": baseline,
+        "current": current,
+        "same_myapp": same_code,
+        "seconds": seconds,
+        "repeats": repeats,
+        "connections": int(os.environ.get("BENCH_CONNECTIONS", "8")),
+        "workers": WORKERS,
+        "threads": THREADS,
+        "load_generator": loadgen.tool(),
+        "load_average": [load_at_start, [round(x, 2) for x in os.getloadavg()]],
+        "total_seconds": round(time.monotonic() - started),
+        "imported": {side: {str(pid): path for pid, path in paths.items()} for side, paths in imported.items()},
+        "cells": measured.cells,
+        "notes": [],
+    }
+    from bench.report import _fmt, ratio
+
+    log(f"current / baseline, medians of {repeats} per-repeat ratios: req/s "
+        f"{_fmt(ratio(measured.cells, 'current', 'baseline', 'post'), 3)}x, worker CPU per request "
+        f"{_fmt(ratio(measured.cells, 'current', 'baseline', 'post', key='cpu_us_per_request'), 3)}x")
+    return results
+
+
+def save(results: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+
+
+def main() -> None:
+    """``make bench-baseline``: the comparison alone, then the report rewritten."""
+    started = time.monotonic()
+    server = postgres_server()
+    if not reachable(server):
+        raise SystemExit(f"PostgreSQL is not reachable at {make_url(server)!r}: set BENCH_POSTGRES_URL")
+    with tempfile.TemporaryDirectory(prefix="myapp-bench-logs-") as logs, \
+            throwaway_database("postgresql", server, name=f"{DATABASE}_baseline") as url:
+        log("PostgreSQL: migrating and seeding 1,000 users and 10,000 posts")
+        seeded = migrate_and_seed(url)
+        try:
+            results = compare(url, seeded.max_post_id, Path(logs), command="make bench-baseline")
+        except BaselineUnavailable as error:
+            raise SystemExit(f"No comparison with the baseline: {error}") from None
+        results["notes"] = traceback_notes(Path(logs))
+    results["total_seconds"] = round(time.monotonic() - started)
+    save(results)
+    from bench import report
+
+    report.write(json.loads(report.RESULTS.read_text()), main_chart=False)
+    log(f"done in {results['total_seconds']} s: {RESULTS.relative_to(ROOT)}, docs/performance.md")
+
+
+if __name__ == "__main__":
+    main()
