@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, cast
 
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
@@ -41,6 +42,15 @@ class PostForm(FlaskForm):  # type: ignore[misc]  # Flask-WTF ships no type hint
         "Body", validators=[DataRequired(), Length(max=BODY_MAX_LENGTH), _no_nul]
     )
     version = HiddenField()
+
+
+@bp.app_template_filter("html_datetime")
+def html_datetime(value: datetime) -> str:
+    """A ``<time datetime>`` value: HTML allows at most 3 fractional digits (isoformat()
+    writes 6), and the columns hold naive UTC (models.utcnow), so say UTC with "Z"."""
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value.isoformat(timespec="seconds") + "Z"
 
 
 @dataclass

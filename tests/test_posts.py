@@ -301,6 +301,19 @@ def test_detail_shows_the_post(app: Flask, client: FlaskClient) -> None:
     assert "/edit" not in page  # anonymous visitors get no edit link
 
 
+def test_post_times_are_valid_html_datetimes(app: Flask, client: FlaskClient) -> None:
+    """HTML allows 1 to 3 fractional digits in <time datetime>; isoformat() wrote 6,
+    which the Nu HTML Checker reports on every page listing a post."""
+    [post_id] = add_posts(app, 1)
+    with app.app_context(), db.transaction() as session:
+        session.get_one(Post, post_id).created_at = datetime(2026, 1, 2, 3, 4, 5, 678901)
+
+    for path in ("/", "/users/alice", f"/posts/{post_id}"):
+        page = client.get(path).get_data(as_text=True)
+        # Stored in UTC (models.utcnow), so the value says so; to the second, like the text.
+        assert re.findall(r'<time datetime="([^"]*)">', page) == ["2026-01-02T03:04:05Z"], path
+
+
 @pytest.mark.parametrize("path", ["/posts/{missing}", "/posts/0", "/posts/-1", "/posts/2147483648", "/posts/99999999999999999999"])
 def test_detail_of_missing_post_is_404(app: Flask, client: FlaskClient, path: str) -> None:
     [post_id] = add_posts(app, 1)

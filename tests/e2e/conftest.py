@@ -2,7 +2,8 @@
 Playwright with a fresh profile per test, and a full-page screenshot of every failure.
 
 Without ``/usr/bin/chromium`` (or Playwright) the browser tests skip with one line;
-under ``CI`` they fail instead, so CI can never pass without having run them.
+under ``CI`` they fail instead, so CI can never pass without having run them. The same
+goes for the Nu HTML Checker (Java and npm's vnu.jar) of the HTML validity tests.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import os
 import re
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from flask import Flask
 
 from ..conftest import Backend
 from ..test_gunicorn import Server, start_gunicorn, stop_gunicorn
+from .html_checker import Checker, find_checker
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless, no sandbox (CI runs as root), and nothing that phones home or updates itself.
@@ -62,14 +64,28 @@ def pytest_runtest_makereport(
     return report
 
 
+def _skip_or_fail_in_ci(problem: str, what: str) -> NoReturn:
+    """Skip here, but fail under CI: a CI run must never pass without these tests."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{problem}: in CI the {what} must run", pytrace=False)
+    pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def html_checker() -> Checker:
+    """The Nu HTML Checker, found once per session (it is only run by the tests)."""
+    found = find_checker()
+    if isinstance(found, str):
+        _skip_or_fail_in_ci(found, "HTML validity tests")
+    return found
+
+
 @pytest.fixture(scope="module")
 def playwright() -> Iterator[Any]:
     """Playwright's driver, started once per module (and only when a browser exists)."""
     problem = _missing_browser()
     if problem:
-        if os.environ.get("CI"):
-            pytest.fail(f"{problem}: in CI the browser tests must run", pytrace=False)
-        pytest.skip(problem)
+        _skip_or_fail_in_ci(problem, "browser tests")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as driver:
