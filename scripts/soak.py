@@ -74,7 +74,7 @@ def soak_database(url: str | None, folder: Path) -> Iterator[URL]:
             with db.transaction() as session:
                 author = User(username="soaker", password_hash="not-a-hash")
                 session.add_all(Post(title=f"Soak post {i}", body="text " * 50, author=author) for i in range(25))
-        db._state(app).engine.dispose()
+        db.app_state(app).engine.dispose()
         yield target
     finally:
         if stack is not None:
