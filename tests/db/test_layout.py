@@ -19,6 +19,7 @@ Expected to fail on main until the myapp/db redesign removes the offenders.
 
 from __future__ import annotations
 
+import ast
 import functools
 from pathlib import Path
 
@@ -408,3 +409,19 @@ def test_allowed_patterns_match_only_their_file_and_expression() -> None:
     assert not entry.matches(Finding("pkg/n.py", 1, "item-assignment", "session.info[...]"))
     assert not entry.matches(Finding("pkg/m.py", 1, "item-assignment", "session.infos[...]"))
     assert Allowed("pkg/m.py", "g.*", "why").matches(Finding("pkg/m.py", 1, "attribute-assignment", "g.user"))
+
+
+# -- 5. short functions ---------------------------------------------------------------------
+
+LONGEST_FUNCTION = 40  # lines, docstring included: a longer one hides more than one job
+
+
+def test_no_function_is_longer_than_forty_lines() -> None:
+    long = []
+    for module in MODULES.values():
+        for node in ast.walk(module.tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > LONGEST_FUNCTION:
+                    long.append(f"{module.rel}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, "\n".join(long)
