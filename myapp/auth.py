@@ -146,8 +146,8 @@ def register() -> str | Response:
     return render_template("auth/register.html", form=form)
 
 
-# myapp.security wraps this view in the login rate limits: failed attempts per
-# username and per client address (a failure is a 200 re-showing the form).
+# myapp.security rate-limits the POSTs of this view: failed attempts per username and
+# per client address (a failure is a 200 re-showing the form).
 @bp.route("/login", methods=("GET", "POST"))
 def login() -> str | Response:
     form = LoginForm()
