@@ -10,6 +10,7 @@ counts without another service to run.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response
 
 from .db import db, has_writes
+from .db.errors import describe_error
 from .errors import render_http_error
 from .models import RATE_LIMIT_KEY_MAX_LENGTH, USERNAME_MAX_LENGTH, RateLimit, normalize_username
 
@@ -49,6 +51,8 @@ TOO_MANY_LOGINS = (
 )
 
 _LIMITER_KEY = "myapp.limiter"
+
+log = logging.getLogger(__name__)
 
 
 def init_headers(app: Flask) -> None:
@@ -191,8 +195,11 @@ def render_rate_limited(error: RateLimitExceeded) -> tuple[str, int, dict[str, s
     if current is not None:
         try:
             retry_after = max(1, int(current.reset_at - time.time()))
-        except SQLAlchemyError:
-            pass
+        except SQLAlchemyError as error:
+            # The whole window is never too short a wait, so the page is still right.
+            log.warning(
+                "rate limit reset time not read, Retry-After is the whole window: %s", describe_error(error)
+            )
     return page, code, {"Retry-After": str(retry_after)}
 
 

@@ -304,6 +304,28 @@ def test_a_failing_limiter_storage_fails_open_never_500(
     assert is_logged_in(client)
 
 
+@limits_on()
+def test_a_429_whose_reset_time_cannot_be_read_logs_it_and_falls_back_to_the_window(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The limit was read before the view, but the counter's expiry cannot be read for
+    the page: still a 429, its Retry-After the whole window, and a warning saying why."""
+    for _ in range(3):
+        assert login(client, "alice", "wrong password").status_code == 200
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("SELECT rate_limit.expires_at", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(DatabaseStorage, "get_expiry", broken)
+    with caplog.at_level(logging.WARNING, logger="myapp.security"):
+        limited = login(client, "alice", "wrong password")
+    assert limited.status_code == 429
+    assert limited.headers["Retry-After"] == "60", "the whole window of '3 per minute'"
+    warnings = [record for record in caplog.records if record.name == "myapp.security"]
+    assert [record.levelno for record in warnings] == [logging.WARNING]
+    assert "server closed the connection" in warnings[0].getMessage()
+
+
 def test_rate_limits_are_off_under_testing_unless_enabled(app: Flask, client: FlaskClient) -> None:
     add_user(app, "alice")
     assert app.config["RATELIMIT_ENABLED"] is False
