@@ -24,7 +24,7 @@ from alembic.util import CommandError
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import func, insert, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 from werkzeug.security import generate_password_hash
 
@@ -33,6 +33,7 @@ from .config import packaged_migrations_dir
 from .db import db
 from .db.errors import describe_error, mask_url
 from .models import Post, User, utcnow
+from .users import UnknownUser, UsernameTaken, create_user, set_password
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -190,18 +191,9 @@ def _validated_credentials(username: str, password: str) -> tuple[str, str]:
 def user_create(username: str, password: str) -> None:
     """Create an account."""
     username, password = _validated_credentials(username, password)
-    if db.session.scalar(select(User.id).where(User.username == username)) is not None:
-        raise click.ClickException(f"the username {username!r} is already taken")
-    password_hash = generate_password_hash(password)
-
-    @db.retrying()
-    def add_user() -> None:
-        with db.transaction() as session:
-            session.add(User(username=username, password_hash=password_hash))
-
     try:
-        add_user()
-    except IntegrityError:
+        create_user(username, password)
+    except UsernameTaken:
         raise click.ClickException(f"the username {username!r} is already taken") from None
     click.echo(f"Created user {username}.")
 
@@ -232,17 +224,10 @@ def user_list() -> None:
 def user_set_password(username: str, password: str) -> None:
     """Replace a user's password."""
     username, password = _validated_credentials(username, password)
-    password_hash = generate_password_hash(password)
-
-    @db.retrying()
-    def replace_hash() -> None:
-        user = db.session.scalar(select(User).where(User.username == username))
-        if user is None:
-            raise click.ClickException(f"no user named {username!r}")
-        with db.transaction():
-            user.password_hash = password_hash
-
-    replace_hash()
+    try:
+        set_password(username, password)
+    except UnknownUser:
+        raise click.ClickException(f"no user named {username!r}") from None
     click.echo(f"Password of {username} changed.")
 
 
