@@ -233,6 +233,9 @@ def user_set_password(username: str, password: str) -> None:
 
 # -- flask seed ---------------------------------------------------------------------
 
+SEED_PASSWORD = "seed-password"
+_SEED_BATCH = 500
+
 
 def _insert_batch(model: type[User] | type[Post], rows: list[dict[str, Any]]) -> None:
     """One batch, one transaction, re-run whole on a certification failure or deadlock."""
@@ -244,8 +247,34 @@ def _insert_batch(model: type[User] | type[Post], rows: list[dict[str, Any]]) ->
 
     insert_rows()
 
-SEED_PASSWORD = "seed-password"
-_SEED_BATCH = 500
+
+def _insert_in_batches(
+    model: type[User] | type[Post], count: int, label: str, make_row: Callable[[int], dict[str, Any]]
+) -> None:
+    """Insert ``count`` rows, ``make_row(1)`` to ``make_row(count)``, committing each
+    batch on its own under a progress bar."""
+    with click.progressbar(length=count, label=label) as bar:
+        for start in range(0, count, _SEED_BATCH):
+            size = min(_SEED_BATCH, count - start)
+            _insert_batch(model, [make_row(start + i + 1) for i in range(size)])
+            bar.update(size)
+
+
+def _random_post_rows(author_ids: list[int]) -> Callable[[int], dict[str, Any]]:
+    """Posts by random authors, of random length, dated over the past year."""
+    now = utcnow()
+    rng = random.Random(os.urandom(8))
+
+    def make_post(number: int) -> dict[str, Any]:
+        return {
+            "author_id": rng.choice(author_ids),
+            "title": f"Post number {number}",
+            "body": "Seeded text. " * rng.randint(1, 40),
+            "created_at": now - timedelta(seconds=rng.randint(0, 365 * 24 * 3600)),
+            "version": 1,
+        }
+
+    return make_post
 
 
 @click.command("seed")
@@ -261,35 +290,14 @@ def seed(user_count: int, post_count: int) -> None:
     # One hash for all: hashing is deliberately slow and these are demo accounts.
     password_hash = generate_password_hash(SEED_PASSWORD)
     prefix = f"seed-{secrets.token_hex(3)}-"
-    with click.progressbar(length=user_count, label=f"Creating {user_count} users") as bar:
-        for start in range(0, user_count, _SEED_BATCH):
-            size = min(_SEED_BATCH, user_count - start)
-            rows = [
-                {"username": f"{prefix}{start + i + 1}", "password_hash": password_hash, "created_at": utcnow()}
-                for i in range(size)
-            ]
-            _insert_batch(User, rows)
-            bar.update(size)
 
+    def make_user(number: int) -> dict[str, Any]:
+        return {"username": f"{prefix}{number}", "password_hash": password_hash, "created_at": utcnow()}
+
+    _insert_in_batches(User, user_count, f"Creating {user_count} users", make_user)
     author_ids = list(db.session.scalars(select(User.id)))
     if post_count and not author_ids:
         raise click.ClickException("there are no users to write the posts: pass --users N")
-    now = utcnow()
-    rng = random.Random(os.urandom(8))
-    with click.progressbar(length=post_count, label=f"Creating {post_count} posts") as bar:
-        for start in range(0, post_count, _SEED_BATCH):
-            size = min(_SEED_BATCH, post_count - start)
-            rows = [
-                {
-                    "author_id": rng.choice(author_ids),
-                    "title": f"Post number {start + i + 1}",
-                    "body": "Seeded text. " * rng.randint(1, 40),
-                    "created_at": now - timedelta(seconds=rng.randint(0, 365 * 24 * 3600)),
-                    "version": 1,
-                }
-                for i in range(size)
-            ]
-            _insert_batch(Post, rows)
-            bar.update(size)
+    _insert_in_batches(Post, post_count, f"Creating {post_count} posts", _random_post_rows(author_ids))
     if user_count:
         click.echo(f"Seeded users share the password {SEED_PASSWORD!r}.")
