@@ -19,6 +19,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from . import auth, cli, errors, health, posts, security
     from .db import db
 
+    # First: the after_request hook registered first runs last, after any that replaces
+    # the response (Flask runs them in reverse order).
+    security.init_headers(app)
     db.init_app(app)
     auth.init_app(app)
     errors.init_app(app)
@@ -28,6 +31,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(auth.bp)
     app.register_blueprint(posts.bp)
     app.add_url_rule("/", endpoint="index")
-    # Last: it wraps the login view in its rate limits and adds headers to every response.
+    # Last: the login limits are checked after the hooks that load the user, check CSRF
+    # and guard the database.
     security.init_app(app)
     return app

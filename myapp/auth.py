@@ -21,7 +21,6 @@ from flask import (
 from flask_wtf import FlaskForm
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 from werkzeug.wrappers import Response
 from wtforms import PasswordField, StringField
@@ -29,6 +28,7 @@ from wtforms.validators import DataRequired, Length, Regexp
 
 from .db import db
 from .models import USERNAME_MAX_LENGTH, User, normalize_username
+from .users import UsernameTaken, create_user
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 csrf = CSRFProtect()
@@ -124,30 +124,18 @@ def is_safe_redirect(target: str | None) -> TypeGuard[str]:
 def register() -> str | Response:
     form = CredentialsForm()
     if form.validate_on_submit():
-        username = cast(str, form.username.data)
-        if db.session.scalar(select(User.id).where(User.username == username)) is not None:
+        try:
+            create_user(cast(str, form.username.data), cast(str, form.password.data))
+        except UsernameTaken:
             form.username.errors.append(USERNAME_TAKEN)
         else:
-            password_hash = generate_password_hash(cast(str, form.password.data))
-
-            @db.retrying()
-            def add_user() -> None:
-                with db.transaction() as session:
-                    session.add(User(username=username, password_hash=password_hash))
-
-            try:
-                add_user()
-            except IntegrityError:
-                # Someone registered the same name between our check and our insert.
-                form.username.errors.append(USERNAME_TAKEN)
-            else:
-                flash("Your account is ready. Please log in.", "success")
-                return redirect(url_for("auth.login"))
+            flash("Your account is ready. Please log in.", "success")
+            return redirect(url_for("auth.login"))
     return render_template("auth/register.html", form=form)
 
 
-# myapp.security wraps this view in the login rate limits: failed attempts per
-# username and per client address (a failure is a 200 re-showing the form).
+# myapp.security rate-limits the POSTs of this view: failed attempts per username and
+# per client address (a failure is a 200 re-showing the form).
 @bp.route("/login", methods=("GET", "POST"))
 def login() -> str | Response:
     form = LoginForm()

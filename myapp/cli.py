@@ -24,7 +24,7 @@ from alembic.util import CommandError
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import func, insert, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 from werkzeug.security import generate_password_hash
 
@@ -33,6 +33,7 @@ from .config import packaged_migrations_dir
 from .db import db
 from .db.errors import describe_error, mask_url
 from .models import Post, User, utcnow
+from .users import UnknownUser, UsernameTaken, create_user, set_password
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -190,18 +191,9 @@ def _validated_credentials(username: str, password: str) -> tuple[str, str]:
 def user_create(username: str, password: str) -> None:
     """Create an account."""
     username, password = _validated_credentials(username, password)
-    if db.session.scalar(select(User.id).where(User.username == username)) is not None:
-        raise click.ClickException(f"the username {username!r} is already taken")
-    password_hash = generate_password_hash(password)
-
-    @db.retrying()
-    def add_user() -> None:
-        with db.transaction() as session:
-            session.add(User(username=username, password_hash=password_hash))
-
     try:
-        add_user()
-    except IntegrityError:
+        create_user(username, password)
+    except UsernameTaken:
         raise click.ClickException(f"the username {username!r} is already taken") from None
     click.echo(f"Created user {username}.")
 
@@ -232,21 +224,17 @@ def user_list() -> None:
 def user_set_password(username: str, password: str) -> None:
     """Replace a user's password."""
     username, password = _validated_credentials(username, password)
-    password_hash = generate_password_hash(password)
-
-    @db.retrying()
-    def replace_hash() -> None:
-        user = db.session.scalar(select(User).where(User.username == username))
-        if user is None:
-            raise click.ClickException(f"no user named {username!r}")
-        with db.transaction():
-            user.password_hash = password_hash
-
-    replace_hash()
+    try:
+        set_password(username, password)
+    except UnknownUser:
+        raise click.ClickException(f"no user named {username!r}") from None
     click.echo(f"Password of {username} changed.")
 
 
 # -- flask seed ---------------------------------------------------------------------
+
+SEED_PASSWORD = "seed-password"
+_SEED_BATCH = 500
 
 
 def _insert_batch(model: type[User] | type[Post], rows: list[dict[str, Any]]) -> None:
@@ -259,8 +247,34 @@ def _insert_batch(model: type[User] | type[Post], rows: list[dict[str, Any]]) ->
 
     insert_rows()
 
-SEED_PASSWORD = "seed-password"
-_SEED_BATCH = 500
+
+def _insert_in_batches(
+    model: type[User] | type[Post], count: int, label: str, make_row: Callable[[int], dict[str, Any]]
+) -> None:
+    """Insert ``count`` rows, ``make_row(1)`` to ``make_row(count)``, committing each
+    batch on its own under a progress bar."""
+    with click.progressbar(length=count, label=label) as bar:
+        for start in range(0, count, _SEED_BATCH):
+            size = min(_SEED_BATCH, count - start)
+            _insert_batch(model, [make_row(start + i + 1) for i in range(size)])
+            bar.update(size)
+
+
+def _random_post_rows(author_ids: list[int]) -> Callable[[int], dict[str, Any]]:
+    """Posts by random authors, of random length, dated over the past year."""
+    now = utcnow()
+    rng = random.Random(os.urandom(8))
+
+    def make_post(number: int) -> dict[str, Any]:
+        return {
+            "author_id": rng.choice(author_ids),
+            "title": f"Post number {number}",
+            "body": "Seeded text. " * rng.randint(1, 40),
+            "created_at": now - timedelta(seconds=rng.randint(0, 365 * 24 * 3600)),
+            "version": 1,
+        }
+
+    return make_post
 
 
 @click.command("seed")
@@ -276,35 +290,14 @@ def seed(user_count: int, post_count: int) -> None:
     # One hash for all: hashing is deliberately slow and these are demo accounts.
     password_hash = generate_password_hash(SEED_PASSWORD)
     prefix = f"seed-{secrets.token_hex(3)}-"
-    with click.progressbar(length=user_count, label=f"Creating {user_count} users") as bar:
-        for start in range(0, user_count, _SEED_BATCH):
-            size = min(_SEED_BATCH, user_count - start)
-            rows = [
-                {"username": f"{prefix}{start + i + 1}", "password_hash": password_hash, "created_at": utcnow()}
-                for i in range(size)
-            ]
-            _insert_batch(User, rows)
-            bar.update(size)
 
+    def make_user(number: int) -> dict[str, Any]:
+        return {"username": f"{prefix}{number}", "password_hash": password_hash, "created_at": utcnow()}
+
+    _insert_in_batches(User, user_count, f"Creating {user_count} users", make_user)
     author_ids = list(db.session.scalars(select(User.id)))
     if post_count and not author_ids:
         raise click.ClickException("there are no users to write the posts: pass --users N")
-    now = utcnow()
-    rng = random.Random(os.urandom(8))
-    with click.progressbar(length=post_count, label=f"Creating {post_count} posts") as bar:
-        for start in range(0, post_count, _SEED_BATCH):
-            size = min(_SEED_BATCH, post_count - start)
-            rows = [
-                {
-                    "author_id": rng.choice(author_ids),
-                    "title": f"Post number {start + i + 1}",
-                    "body": "Seeded text. " * rng.randint(1, 40),
-                    "created_at": now - timedelta(seconds=rng.randint(0, 365 * 24 * 3600)),
-                    "version": 1,
-                }
-                for i in range(size)
-            ]
-            _insert_batch(Post, rows)
-            bar.update(size)
+    _insert_in_batches(Post, post_count, f"Creating {post_count} posts", _random_post_rows(author_ids))
     if user_count:
         click.echo(f"Seeded users share the password {SEED_PASSWORD!r}.")

@@ -10,13 +10,14 @@ counts without another service to run.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Flask, current_app, has_request_context, request
 from flask.sessions import SecureCookieSessionInterface
-from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter import Limit, Limiter, RateLimitExceeded
 from limits.storage import Storage
 from sqlalchemy import case, delete, select
 from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -25,6 +26,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response
 
 from .db import db, has_writes
+from .db.errors import describe_error
 from .errors import render_http_error
 from .models import RATE_LIMIT_KEY_MAX_LENGTH, USERNAME_MAX_LENGTH, RateLimit, normalize_username
 
@@ -50,15 +52,25 @@ TOO_MANY_LOGINS = (
 
 _LIMITER_KEY = "myapp.limiter"
 
+log = logging.getLogger(__name__)
+
+
+def init_headers(app: Flask) -> None:
+    """Call first in ``create_app``, before any other after_request hook is registered.
+
+    Flask runs after_request functions in the reverse order of their registration, so
+    the first one registered runs last: a response that a later-registered hook
+    replaced (the error page of a failed DATABASE_COMMIT_ON_SUCCESS commit) still gets
+    the headers.
+    """
+    app.after_request(add_security_headers)
+
 
 def init_app(app: Flask) -> None:
-    """Call after the blueprints are registered: it rate-limits the login view."""
+    """Call last in ``create_app``: the limiter's before_request check must come after
+    the hooks that load the user, check CSRF and guard the database."""
     _trust_proxy(app)
     app.session_interface = HttpsAwareSessionInterface()
-    # First in the list, so it runs last of all after_request functions (Flask runs them
-    # in reverse): a response that another hook replaced (the error page of a failed
-    # DATABASE_COMMIT_ON_SUCCESS commit) still gets the headers.
-    app.after_request_funcs.setdefault(None, []).insert(0, add_security_headers)
     _limit_logins(app)
 
 
@@ -143,6 +155,7 @@ def _limit_logins(app: Flask) -> None:
     app.config["RATELIMIT_ENABLED"] = enabled
     limiter = Limiter(
         key_func=client_address,
+        default_limits=list(_login_limits(app)),
         storage_uri=app.config["RATELIMIT_STORAGE_URI"],
         strategy="fixed-window",
         # Fail open, logged: the limiter never turns a database problem into an error
@@ -151,25 +164,27 @@ def _limit_logins(app: Flask) -> None:
         swallow_errors=True,
     )
     limiter.init_app(app)
-    # Only the login view is limited: spare every other request the limiter's check.
+    # The default limits are the login limits: every other request is spared them
+    # and the limiter's check.
     limiter.request_filter(lambda: request.endpoint != "auth.login")
     app.extensions[_LIMITER_KEY] = limiter
     app.register_error_handler(RateLimitExceeded, render_rate_limited)
-    if not enabled:
-        return
-    view: Callable[..., Any] = app.view_functions["auth.login"]
-    for limit, key_func in (
-        (app.config["LOGIN_RATE_LIMIT"], submitted_username),
-        (app.config["LOGIN_RATE_LIMIT_PER_ADDRESS"], client_address),
+
+
+def _login_limits(app: Flask) -> Iterator[Limit]:
+    """The two login limits, as Flask-Limiter default limits: each route's own bucket
+    (scope "auth.login"), checked before the view, and counted only for a failed POST."""
+    for setting, key_func in (
+        ("LOGIN_RATE_LIMIT", submitted_username),
+        ("LOGIN_RATE_LIMIT_PER_ADDRESS", client_address),
     ):
-        view = limiter.limit(
-            limit,
-            key_func=key_func,
+        yield Limit(
+            app.config[setting],
+            key_function=key_func,
             methods=["POST"],
             deduct_when=_login_failed,
             error_message=TOO_MANY_LOGINS,
-        )(view)
-    app.view_functions["auth.login"] = view
+        )
 
 
 def render_rate_limited(error: RateLimitExceeded) -> tuple[str, int, dict[str, str]]:
@@ -180,8 +195,11 @@ def render_rate_limited(error: RateLimitExceeded) -> tuple[str, int, dict[str, s
     if current is not None:
         try:
             retry_after = max(1, int(current.reset_at - time.time()))
-        except SQLAlchemyError:
-            pass
+        except SQLAlchemyError as error:
+            # The whole window is never too short a wait, so the page is still right.
+            log.warning(
+                "rate limit reset time not read, Retry-After is the whole window: %s", describe_error(error)
+            )
     return page, code, {"Retry-After": str(retry_after)}
 
 

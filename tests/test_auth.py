@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Select, false, select
 from werkzeug.security import check_password_hash, generate_password_hash
 
-import myapp.auth
+import myapp.users
 from myapp.auth import BAD_LOGIN, USERNAME_TAKEN
 from myapp.db import db
 from myapp.models import User
@@ -153,7 +153,8 @@ def blind_precheck(monkeypatch: pytest.MonkeyPatch) -> list[Select[Any]]:
             blinded.append(statement := statement.where(false()))
         return statement
 
-    monkeypatch.setattr(myapp.auth, "select", select_missing_ids)
+    # The pre-check is create_user's, which register calls.
+    monkeypatch.setattr(myapp.users, "select", select_missing_ids)
     return blinded
 
 
@@ -189,7 +190,7 @@ def rival_registers_during_hashing(app: Flask, monkeypatch: pytest.MonkeyPatch) 
         hashed.append(password)
         return generate_password_hash(password)
 
-    monkeypatch.setattr(myapp.auth, "generate_password_hash", hash_after_rival_commits)
+    monkeypatch.setattr(myapp.users, "generate_password_hash", hash_after_rival_commits)
     yield hashed
 
 

@@ -19,7 +19,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import pytest
 import requests
-from flask import Flask, url_for
+from flask import Flask, Response, url_for
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import URL, make_url
@@ -27,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.security import check_password_hash, generate_password_hash
 from werkzeug.test import TestResponse
 
+import myapp.errors
 from myapp.auth import BAD_LOGIN, PASSWORD_MIN_LENGTH, is_safe_redirect
 from myapp.db import db
 from myapp.models import Post, RateLimit, User
@@ -250,6 +251,21 @@ def test_successful_logins_are_not_counted(app: Flask, client: FlaskClient) -> N
 
 
 @limits_on()
+def test_only_posts_to_the_login_view_are_limited(app: Flask, client: FlaskClient) -> None:
+    """The login limits are the limiter's default limits: every other route, and a GET
+    of the login page, is neither counted nor refused."""
+    for _ in range(6):
+        assert client.get("/auth/login").status_code == 200
+        # A refused registration shows its form again (200), as a failed login does.
+        assert client.post("/auth/register", data={"username": "x", "password": "short"}).status_code == 200
+        assert client.get("/").status_code == 200
+    assert stored_counters(app) == {}
+    # Control: the limiter is on and counting.
+    assert login(client, "nobody", "wrong password").status_code == 200
+    assert stored_counters(app) == {"username:nobody": 1, "address:127.0.0.1": 1}
+
+
+@limits_on()
 def test_a_spoofed_forwarded_for_does_not_change_the_bucket(app: Flask, client: FlaskClient) -> None:
     for number in range(5):
         headers = {"X-Forwarded-For": f"198.51.100.{number}"}
@@ -286,6 +302,28 @@ def test_a_failing_limiter_storage_fails_open_never_500(
         assert login(client, "alice", PASSWORD).status_code == 302
     assert "server closed the connection" in caplog.text
     assert is_logged_in(client)
+
+
+@limits_on()
+def test_a_429_whose_reset_time_cannot_be_read_logs_it_and_falls_back_to_the_window(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The limit was read before the view, but the counter's expiry cannot be read for
+    the page: still a 429, its Retry-After the whole window, and a warning saying why."""
+    for _ in range(3):
+        assert login(client, "alice", "wrong password").status_code == 200
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("SELECT rate_limit.expires_at", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(DatabaseStorage, "get_expiry", broken)
+    with caplog.at_level(logging.WARNING, logger="myapp.security"):
+        limited = login(client, "alice", "wrong password")
+    assert limited.status_code == 429
+    assert limited.headers["Retry-After"] == "60", "the whole window of '3 per minute'"
+    warnings = [record for record in caplog.records if record.name == "myapp.security"]
+    assert [record.levelno for record in warnings] == [logging.WARNING]
+    assert "server closed the connection" in warnings[0].getMessage()
 
 
 def test_rate_limits_are_off_under_testing_unless_enabled(app: Flask, client: FlaskClient) -> None:
@@ -533,6 +571,31 @@ def test_every_kind_of_response_carries_the_security_headers(app: Flask, client:
         assert response.status_code == (200 if expected == "static" else expected), expected
         assert_security_headers(response)
         response.close()
+
+
+def test_security_headers_are_added_after_a_hook_replaced_the_response(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hook that an extension registers while create_app assembles the app may
+    replace the response (as the database's DATABASE_COMMIT_ON_SUCCESS hook does with
+    an error page): the headers are added to the replacement, so they are added last."""
+    register_errors = myapp.errors.init_app
+
+    def register_errors_and_a_replacing_hook(app: Flask) -> None:
+        register_errors(app)
+
+        @app.after_request
+        def replace(response: Response) -> Response:
+            return Response("replaced", status=418)
+
+    monkeypatch.setattr(myapp.errors, "init_app", register_errors_and_a_replacing_hook)
+    app = make_app(backend.url)
+    try:
+        response = app.test_client().get("/healthz")
+    finally:
+        app.extensions["myapp.database"].engine.dispose()
+    assert (response.status_code, response.get_data(as_text=True)) == (418, "replaced")
+    assert_security_headers(response)
 
 
 _INLINE = [
