@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from myapp.config import ConfigError
 from myapp.db import galera
-from tests.conftest import make_app
+from tests.support.apps import make_app
 
 URL = "mysql+pymysql://app:s3cret@db1:3307/site?host=db2:3308&host=db3&charset=utf8mb4"
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from ..conftest import Backend
-from ..test_gunicorn import Server, start_gunicorn, stop_gunicorn
+from tests.support.databases import Backend
+from tests.support.gunicorn import Server, start_gunicorn, stop_gunicorn
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless, no sandbox (CI runs as root), and nothing that phones home or updates itself.

@@ -7,7 +7,7 @@ replay, a stopped node, a changed setting), so that a failing test does not brea
 next one. A test that promotes a standby builds a topology of its own instead.
 
 What the machine needs is checked first: a missing program is a skip on a laptop and
-a failure under ``CI``, as for the backends of tests/conftest.py.
+a failure under ``CI``, as for the backends of tests/support/databases.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.faults.servers import PostgresServer, ThrowawayServer, throwaway_server
+from tests.support.servers import PostgresServer, ThrowawayServer, throwaway_server
 
 from .galera import PROVIDER as GALERA_PROVIDER, GaleraCluster, galera_cluster
 from .mariadb import NamespacedMariaDB, namespaced_mariadb
