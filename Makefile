@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test lint migrate clean bench bench-baseline bench-replicas bench-galera reliability
+.PHONY: run test test-fast lint migrate clean bench bench-baseline bench-replicas bench-galera reliability
 
 # Reinstall when the dependency list changes.
 $(STAMP): setup.cfg pyproject.toml
@@ -22,6 +22,15 @@ run: migrate
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop: the unit tests on SQLite alone, spread over the cores by pytest-xdist.
+# No fault suite, browser or gunicorn tests; TEST_*_URL and CI are dropped even when the
+# shell sets them, so the other backends skip. --dist loadfile keeps a module's tests on
+# one worker, so a topology a module starts (tests/db/test_replicas.py) is built once.
+FAST_MARKS := not faults and not e2e and not gunicorn
+test-fast: $(STAMP)
+	env -u TEST_POSTGRES_URL -u TEST_MYSQL_URL -u CI \
+		$(BIN)/python -m pytest -n auto --dist loadfile -m "$(FAST_MARKS)" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/mypy

@@ -139,7 +139,7 @@ def write_doc(figures: list[dict[str, Any]], run: Run | None, chart: bool) -> No
     lines += [
         f"- Figures: {len(figures)}; at their goal: {len(figures) - len(missed)}; missed: {len(missed)}.",
         "- Servers: scenarios 1-3 run on throwaway PostgreSQL and MariaDB servers the tests start",
-        "  themselves (`tests/faults/servers.py`); 11-15 on throwaway topologies they start once per",
+        "  themselves (`tests/support/servers.py`); 11-15 on throwaway topologies they start once per",
         "  session (`tests/topology/`: standbys, PgBouncer, network namespaces, a three-node",
         "  MariaDB Galera cluster); the others on the shared test servers.",
         "- The worker-RSS figures of scenario 5 come from `scripts/soak.py` (one gunicorn",

@@ -53,7 +53,8 @@ def soak_database(url: str | None, folder: Path) -> Iterator[URL]:
     """A migrated database with one author and a page of posts; dropped afterwards."""
     from myapp.db import db
     from myapp.models import Post, User
-    from tests.conftest import _throwaway_database, make_app, migrate
+    from tests.support.apps import make_app, migrate
+    from tests.support.databases import throwaway_database
 
     if url is None:
         target = make_url(f"sqlite:///{folder / 'soak.sqlite'}")
@@ -66,7 +67,7 @@ def soak_database(url: str | None, folder: Path) -> Iterator[URL]:
         stack = ExitStack()
         name = "postgresql" if url.startswith("postgresql") else "mysql"
         # The temp-path factory is only used for SQLite.
-        target = stack.enter_context(_throwaway_database(name, None))  # type: ignore[arg-type]
+        target = stack.enter_context(throwaway_database(name, None))  # type: ignore[arg-type]
     try:
         migrate(target)
         app = make_app(target)
@@ -91,7 +92,7 @@ def main() -> int:
 
     from tests.faults.figures import record
     from tests.faults.raisingapp import serve
-    from tests.test_gunicorn import stop_gunicorn
+    from tests.support.gunicorn import stop_gunicorn
 
     with tempfile.TemporaryDirectory(prefix="myapp-soak-") as scratch, soak_database(
         args.database_url, Path(scratch)

@@ -17,8 +17,8 @@ import myapp.users
 from myapp.auth import BAD_LOGIN, USERNAME_TAKEN
 from myapp.db import db
 from myapp.models import User
-
-from .conftest import AuthActions, CertificationFailures
+from tests.support.auth import AuthActions
+from tests.support.certification import CertificationFailures
 
 _FIELD_BLOCK = re.compile(
     r'<div class="field( has-error)?">\s*<label for="(?P<name>\w+)">(?P<inner>.*?)</div>', re.DOTALL

@@ -18,8 +18,9 @@ from sqlalchemy.pool import NullPool
 
 from myapp.db import db
 from myapp.models import Post, User
-
-from .conftest import SECRET_KEY, Backend, assert_num_queries
+from tests.support.apps import SECRET_KEY
+from tests.support.databases import Backend
+from tests.support.queries import assert_num_queries
 
 pytestmark = [pytest.mark.real_commits, pytest.mark.backends("postgresql")]
 

@@ -21,8 +21,9 @@ from myapp.cli import alembic_config
 from myapp.db import db
 from myapp.db.errors import mask_url
 from myapp.models import Post, User
-
-from .conftest import SECRET_KEY, UNREACHABLE_URLS, Backend, CertificationFailures
+from tests.support.apps import SECRET_KEY
+from tests.support.certification import CertificationFailures
+from tests.support.databases import UNREACHABLE_URLS, Backend
 
 FLASK = Path(sys.executable).with_name("flask")
 PASSWORD = "correct horse"

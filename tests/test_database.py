@@ -22,8 +22,8 @@ from werkzeug.security import generate_password_hash
 from myapp.db import Base, Database, LostWriteError, db
 from myapp.db.errors import describe_error, mask_url
 from myapp.models import Post, User
-
-from .conftest import Backend, make_app
+from tests.support.apps import make_app
+from tests.support.databases import Backend
 
 
 def _count_users(app: Flask) -> int:

@@ -14,8 +14,7 @@ from werkzeug.test import TestResponse
 from myapp.db import db
 from myapp.errors import RETRY_AFTER_SECONDS
 from myapp.models import Post, User
-
-from .conftest import AuthActions
+from tests.support.auth import AuthActions
 
 
 def assert_error_page(response: TestResponse, code: int, title: str) -> str:

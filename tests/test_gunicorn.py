@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,87 +12,16 @@ from sqlalchemy import select
 
 from myapp.db import db
 from myapp.models import Post, User
-
-from .conftest import SECRET_KEY, Backend
-
-ROOT = Path(__file__).resolve().parent.parent
-GUNICORN = Path(sys.executable).with_name("gunicorn")
+from tests.support.databases import Backend
+from tests.support.forms import post_form
+from tests.support.gunicorn import Server, start_gunicorn, stop_gunicorn
 
 pytestmark = [pytest.mark.gunicorn, pytest.mark.real_commits]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-        self.process, self.url, self.log = process, url, log
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_gunicorn(database_url: str, tmp_path: Path, app: str = "wsgi:app", **env: str) -> Server:
-    """Start gunicorn with the project's gunicorn.conf.py on ``app`` (the fault suite
-    serves its test-only apps this way) and wait until it answers."""
-    port = free_port()
-    log = tmp_path / f"gunicorn-{port}.log"
-    environment = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "SECRET_KEY": SECRET_KEY,
-        "FLASK_DEBUG": "0",
-        "GUNICORN_BIND": f"127.0.0.1:{port}",
-        "WEB_CONCURRENCY": "2",
-        "GUNICORN_THREADS": "4",
-        **env,
-    }
-    with log.open("wb") as sink:  # a file, not a pipe: nothing can block on a full pipe
-        process = subprocess.Popen(
-            # No control socket: gunicorn 27 puts it at one path in $HOME, which test
-            # servers running side by side would fight over.
-            [str(GUNICORN), "-c", "gunicorn.conf.py", "--no-control-socket", app],
-            cwd=ROOT, env=environment, stdout=sink, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    server = Server(process, f"http://127.0.0.1:{port}", log)
-    try:
-        wait_until_serving(server)
-    except BaseException:
-        stop_gunicorn(server)  # never leave a server behind a failed start
-        raise
-    return server
-
-
-def wait_until_serving(server: Server, seconds: float = 60) -> None:
-    """Poll /healthz; on a loaded machine a worker can take seconds to import the app."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise AssertionError(f"gunicorn exited with {server.process.returncode}:\n{server.log_text()}")
-        try:
-            if requests.get(f"{server.url}/healthz", timeout=5).status_code == 200:
-                return
-        except (requests.ConnectionError, requests.Timeout):
-            time.sleep(0.1)
-    raise AssertionError(f"gunicorn did not answer within {seconds:.0f} s:\n{server.log_text()}")
-
-
-def stop_gunicorn(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-
-
 @pytest.fixture
 def server(app: Flask, backend: Backend, tmp_path: Path) -> Iterator[Server]:
+    """Gunicorn on the test's database; its log must hold no traceback afterwards."""
     url = backend.url.render_as_string(hide_password=False)
     running = start_gunicorn(url, tmp_path)
     try:
@@ -107,19 +29,6 @@ def server(app: Flask, backend: Backend, tmp_path: Path) -> Iterator[Server]:
     finally:
         stop_gunicorn(running)
     assert "Traceback" not in running.log_text()
-
-
-def csrf_token(page: str) -> str:
-    match = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page) or re.search(
-        r'name="csrf_token" value="([^"]+)"', page
-    )
-    assert match, "no CSRF token in the page"
-    return match.group(1)
-
-
-def post_form(browser: requests.Session, url: str, **fields: str) -> requests.Response:
-    token = csrf_token(browser.get(url, timeout=10).text)
-    return browser.post(url, data={"csrf_token": token, **fields}, timeout=10, allow_redirects=False)
 
 
 def test_register_login_and_post_over_http(server: Server, app: Flask) -> None:

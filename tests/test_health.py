@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from .conftest import assert_num_queries, count_queries, make_app
+from tests.support.apps import make_app
+from tests.support.queries import assert_num_queries, count_queries
 
 
 def test_healthz_answers_without_the_database(app: Flask) -> None:

@@ -20,8 +20,8 @@ from sqlalchemy import inspect, text
 from myapp.cli import alembic_config
 from myapp.config import MIGRATIONS_PACKAGE
 from myapp.db import Base
-
-from .conftest import BACKENDS, _throwaway_database, make_app
+from tests.support.apps import make_app
+from tests.support.databases import BACKENDS, throwaway_database
 
 MODEL_TABLES = set(Base.metadata.tables)
 
@@ -29,7 +29,7 @@ MODEL_TABLES = set(Base.metadata.tables)
 @pytest.fixture(params=list(BACKENDS))
 def fresh_app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
     """An app on an empty database of its own (not the session's migrated one)."""
-    with _throwaway_database(request.param, tmp_path_factory) as url:
+    with throwaway_database(request.param, tmp_path_factory) as url:
         app = make_app(url)
         try:
             yield app

@@ -16,8 +16,9 @@ from sqlalchemy import event, select
 from myapp.db import AppSession, db
 from myapp.models import Post, User
 from myapp.posts import BODY_MAX_LENGTH
-
-from .conftest import AuthActions, CertificationFailures, assert_num_queries
+from tests.support.auth import AuthActions
+from tests.support.certification import CertificationFailures
+from tests.support.queries import assert_num_queries
 
 # The longest body in bytes: 20,000 four-byte characters, 80,000 bytes (over TEXT on MariaDB).
 _LARGEST_BODY = "\U0001f600" * BODY_MAX_LENGTH

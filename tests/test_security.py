@@ -32,9 +32,14 @@ from myapp.auth import BAD_LOGIN, PASSWORD_MIN_LENGTH, is_safe_redirect
 from myapp.db import db
 from myapp.models import Post, RateLimit, User
 from myapp.security import TOO_MANY_LOGINS, DatabaseStorage
-
-from .conftest import SECRET_KEY, AuthActions, Backend, CertificationFailures, count_queries, make_app
-from .test_gunicorn import GUNICORN, ROOT, csrf_token, free_port, start_gunicorn, stop_gunicorn
+from tests.support.apps import SECRET_KEY, make_app
+from tests.support.auth import AuthActions
+from tests.support.certification import CertificationFailures
+from tests.support.databases import Backend
+from tests.support.forms import csrf_token
+from tests.support.gunicorn import GUNICORN, ROOT, start_gunicorn, stop_gunicorn
+from tests.support.network import free_port
+from tests.support.queries import count_queries
 
 PASSWORD = "correct horse"
 TEMPLATES = ROOT / "myapp" / "templates"

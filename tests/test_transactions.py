@@ -21,8 +21,8 @@ from myapp.db import LostWriteError, db
 from myapp.db.engines import dispose_all_engines
 from myapp.models import User
 from myapp.security import SECURITY_HEADERS
-
-from .conftest import Backend, make_app
+from tests.support.apps import make_app
+from tests.support.databases import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -541,7 +541,7 @@ def test_engines_are_disposed_at_interpreter_exit(backend: Backend) -> None:
         "import atexit\n"
         "state = {}\n"
         "atexit.register(lambda: print('checked in at exit:', state['engine'].pool.checkedin()))\n"
-        "from tests.conftest import make_app\n"
+        "from tests.support.apps import make_app\n"
         "from sqlalchemy import text\n"
         f"app = make_app({backend.url.render_as_string(hide_password=False)!r})\n"
         "state['engine'] = app.extensions['myapp.database'].engine\n"

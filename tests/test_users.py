@@ -15,7 +15,7 @@ from myapp.db import db
 from myapp.models import User
 from myapp.users import UnknownUser, UsernameTaken, create_user, set_password
 
-from .conftest import CertificationFailures
+from tests.support.certification import CertificationFailures
 
 PASSWORD = "correct horse"
 

@@ -17,8 +17,8 @@ from sqlalchemy import event, func, select, text
 from myapp.db.breaker import Breaker, Guards
 from myapp.db import db
 from myapp.models import User
-
-from ..conftest import UNREACHABLE_URLS, Backend, make_app
+from tests.support.apps import make_app
+from tests.support.databases import UNREACHABLE_URLS, Backend
 
 THRESHOLD = 3
 

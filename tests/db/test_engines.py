@@ -13,8 +13,8 @@ from sqlalchemy import Engine, event, func, select, text
 from myapp.db import db
 from myapp.db.engines import read_only_server_is_a_disconnect
 from myapp.models import User
-
-from ..conftest import Backend, make_app
+from tests.support.apps import make_app
+from tests.support.databases import Backend
 
 def _engine(app: Flask) -> Engine:
     return app.extensions["myapp.database"].engine  # type: ignore[no-any-return]

@@ -18,7 +18,7 @@ from myapp.config import ConfigError
 from myapp.db import galera
 from myapp.db.config import DatabaseSettings, GaleraSettings, cluster_nodes
 from myapp.db.galera import _NodeChooser
-from tests.conftest import make_app
+from tests.support.apps import make_app
 
 URL = "mysql+pymysql://app:s3cret@db1:3307/site?host=db2:3308&host=db3&charset=utf8mb4"
 

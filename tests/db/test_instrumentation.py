@@ -9,7 +9,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from myapp.db import db
-from tests.conftest import Backend, make_app
+from tests.support.apps import make_app
+from tests.support.databases import Backend
 
 
 def test_a_slow_statement_is_logged_without_its_parameters(

@@ -13,7 +13,8 @@ from sqlalchemy.exc import OperationalError
 
 from myapp.db import AppSession, db, lifecycle
 from myapp.models import User
-from tests.conftest import Backend, make_app
+from tests.support.apps import make_app
+from tests.support.databases import Backend
 
 
 def _status_from_another_thread(app: Flask, path: str) -> int:

@@ -17,8 +17,8 @@ from sqlalchemy.util import ScopedRegistry
 from myapp.db import AppSession, db
 from myapp.db import lifecycle
 from myapp.models import User
-
-from ..conftest import Backend, make_app
+from tests.support.apps import make_app
+from tests.support.databases import Backend
 
 @pytest.fixture
 def bare_app(backend: Backend) -> Iterator[Flask]:

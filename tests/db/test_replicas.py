@@ -30,7 +30,7 @@ from myapp.db.config import parse_max_lag
 from myapp.db.replicas import ReplicaSet
 from myapp.db.replication import Replicas
 from myapp.models import Post, RateLimit, User
-from tests.conftest import make_app
+from tests.support.apps import make_app
 from tests.topology import PgNode, ReplicatedPostgres
 from tests.topology.fixtures import (  # noqa: F401 (fixtures)
     replicated, replicated2, replicated2_session, replicated_session,

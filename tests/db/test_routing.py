@@ -21,8 +21,8 @@ from sqlalchemy.exc import DBAPIError
 from myapp.db import LostWriteError, db
 from myapp.db.statements import needs_transaction, writes
 from myapp.models import Post, User
-
-from ..conftest import Backend, make_app
+from tests.support.apps import make_app
+from tests.support.databases import Backend
 
 postgres_only = pytest.mark.backends("postgresql")
 

@@ -17,8 +17,9 @@ from typing import Any, NoReturn
 import pytest
 from flask import Flask
 
-from ..conftest import Backend
-from ..test_gunicorn import Server, start_gunicorn, stop_gunicorn
+from tests.support.databases import Backend
+from tests.support.gunicorn import Server, start_gunicorn, stop_gunicorn
+
 from .html_checker import Checker, find_checker
 
 CHROMIUM = Path("/usr/bin/chromium")

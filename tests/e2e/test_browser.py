@@ -11,9 +11,10 @@ from sqlalchemy import select
 
 from myapp.db import db
 from myapp.models import Post, User
+from tests.support.databases import Backend
+from tests.support.gunicorn import Server, start_gunicorn, stop_gunicorn
+from tests.support.network import free_port
 
-from ..conftest import Backend
-from ..test_gunicorn import Server, free_port, start_gunicorn, stop_gunicorn
 from .conftest import DESKTOP, ROOT, SERVER_ENV, Browser
 
 try:

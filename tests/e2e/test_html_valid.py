@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from ..test_gunicorn import Server
+from tests.support.gunicorn import Server
+
 from .html_checker import Checker, check, describe
 from .test_browser import PASSWORD, PER_PAGE, log_in, log_out, register, seed_posts, write_post
 

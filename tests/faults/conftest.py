@@ -21,9 +21,8 @@ import pytest
 import requests
 from sqlalchemy.engine import URL
 
-from tests.test_gunicorn import csrf_token, post_form
-
-from .servers import MariaDBServer, PostgresServer, ThrowawayServer, throwaway_server
+from tests.support.forms import csrf_token, post_form
+from tests.support.servers import MariaDBServer, PostgresServer, ThrowawayServer, throwaway_server
 
 
 PASSWORD = "correct horse battery"

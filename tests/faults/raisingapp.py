@@ -26,7 +26,7 @@ from myapp.db.engines import READ_ONLY
 from myapp.models import Post, User
 
 if TYPE_CHECKING:
-    from tests.test_gunicorn import Server
+    from tests.support.gunicorn import Server
 
 bp = Blueprint("faults", __name__, url_prefix="/_faults")
 csrf.exempt(bp)  # the harness posts without forms; only this test-only blueprint
@@ -175,7 +175,7 @@ def _use_deferred_begin(app: Flask) -> None:
 
 def serve(database_url: str, tmp_path: Path, factory: str = "create_raising_app()", **env: str) -> Server:
     """Start gunicorn (the project's gunicorn.conf.py) on this module's app."""
-    from tests.test_gunicorn import start_gunicorn
+    from tests.support.gunicorn import start_gunicorn
 
     return start_gunicorn(database_url, tmp_path, app=f"tests.faults.raisingapp:{factory}", **env)
 

@@ -19,8 +19,10 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import AuthActions, Backend, make_app
-from tests.test_gunicorn import free_port
+from tests.support.apps import make_app
+from tests.support.auth import AuthActions
+from tests.support.databases import Backend
+from tests.support.network import free_port
 
 from .figures import record
 

@@ -48,8 +48,8 @@ from sqlalchemy import event
 
 from myapp import create_app
 from myapp.db.engines import read_only_server_is_a_disconnect
-from tests.conftest import migrate
-from tests.test_gunicorn import Server
+from tests.support.apps import migrate
+from tests.support.gunicorn import Server
 from tests.topology import PgNode, ReplicatedPostgres, replicated_postgres
 from tests.topology.fixtures import require_namespaces, require_postgres
 from tests.topology.netns import wait_for

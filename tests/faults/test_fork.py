@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Backend
+from tests.support.databases import Backend
 
 from .conftest import Answer, burst
 from .figures import record

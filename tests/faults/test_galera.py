@@ -32,7 +32,7 @@ from sqlalchemy import insert, select
 
 from myapp.db import galera as galera_module
 from myapp.models import Post, User
-from tests.conftest import make_app
+from tests.support.apps import make_app
 from tests.topology import GaleraCluster, GaleraNode
 from tests.topology.fixtures import galera, galera_session  # noqa: F401 (fixtures)
 

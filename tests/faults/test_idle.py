@@ -18,10 +18,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from tests.conftest import SECRET_KEY
+from tests.support.apps import SECRET_KEY
+from tests.support.servers import ThrowawayServer
 
 from .figures import record
-from .servers import ThrowawayServer
 from .slowapp import create_fault_app
 
 pytestmark = pytest.mark.faults

@@ -15,11 +15,13 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from tests.conftest import SECRET_KEY, Backend
+from tests.support.apps import SECRET_KEY
+from tests.support.databases import Backend
+from tests.support.servers import ThrowawayServer
 
 from .conftest import Answer, burst, escaped_errors, logged_in_browser
 from .figures import record
-from .servers import ThrowawayServer, gunicorn
+from .servers import gunicorn
 from .slowapp import create_fault_app
 
 pytestmark = [pytest.mark.faults, pytest.mark.gunicorn]

@@ -25,8 +25,8 @@ from sqlalchemy.util import ScopedRegistry
 
 from myapp.db import db
 from myapp.models import User
-from tests.conftest import Backend
-from tests.test_gunicorn import stop_gunicorn
+from tests.support.databases import Backend
+from tests.support.gunicorn import stop_gunicorn
 
 from .figures import record
 from .raisingapp import add_fault_routes, open_transactions, registry_size, release_leaked, serve

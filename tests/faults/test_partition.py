@@ -31,7 +31,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError
 
 from myapp.db import engines
-from tests.conftest import make_app
+from tests.support.apps import make_app
 
 from tests.topology import NamespacedMariaDB, PgNode
 from tests.topology.fixtures import (  # noqa: F401 (fixtures)

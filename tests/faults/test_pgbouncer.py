@@ -54,14 +54,15 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 from myapp.db import db
-from tests.conftest import make_app
+from tests.support.apps import make_app
+from tests.support.servers import ThrowawayServer
 from tests.topology import PgBouncer, pgbouncer
 from tests.topology.fixtures import bouncer, require  # noqa: F401 (fixture)
 from tests.topology.pgbouncer import BINARY as PGBOUNCER
 
 from .conftest import PASSWORD, escaped_errors, logged_in_browser
 from .figures import record
-from .servers import ThrowawayServer, gunicorn
+from .servers import gunicorn
 from .test_restart import (
     APP_ENV, CLIENT_TIMEOUT, CLIENTS, MAY_HAVE_BEEN_SAVED, judge, logged_errors, run_load, titles_in,
 )

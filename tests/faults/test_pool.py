@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Backend
+from tests.support.databases import Backend
 
 from .conftest import burst, escaped_errors
 from .figures import record

@@ -23,8 +23,9 @@ from sqlalchemy import func, select
 from myapp.auth import USERNAME_TAKEN
 from myapp.db import db
 from myapp.models import Post, User
-from tests.conftest import Backend
-from tests.test_gunicorn import Server, csrf_token, post_form, stop_gunicorn
+from tests.support.databases import Backend
+from tests.support.forms import csrf_token, post_form
+from tests.support.gunicorn import Server, stop_gunicorn
 
 from .figures import record
 from .raisingapp import serve

@@ -26,10 +26,11 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.engine import URL
 
 from myapp.models import Post
+from tests.support.servers import ThrowawayServer
 
 from .conftest import escaped_errors, logged_in_browser
 from .figures import record
-from .servers import ThrowawayServer, gunicorn
+from .servers import gunicorn
 
 pytestmark = [pytest.mark.faults, pytest.mark.gunicorn]
 

@@ -24,8 +24,9 @@ from werkzeug.security import generate_password_hash
 
 from myapp.db import db
 from myapp.models import Post, User
-from tests.conftest import Backend
-from tests.test_gunicorn import csrf_token, post_form, stop_gunicorn
+from tests.support.databases import Backend
+from tests.support.forms import csrf_token, post_form
+from tests.support.gunicorn import stop_gunicorn
 
 from .figures import record
 from .raisingapp import serve

@@ -1,33 +1,42 @@
 """pytest fixtures for the topologies: each starts once per test session, on first use.
 
-Import the ones a test module needs (``from tests.topology.fixtures import ...``). The
-session-scoped fixture builds the topology; the function-scoped one hands it to a test
-and afterwards undoes what the test may have left behind (a partition, a paused
-replay, a stopped node, a changed setting), so that a failing test does not break the
-next one. A test that promotes a standby builds a topology of its own instead.
+Import the ones a test module needs (``from tests.topology.fixtures import ...``). Each
+topology comes as a pair made by ``_topology_fixtures``: ``<name>_session`` builds it
+once; ``<name>`` hands it to a test and afterwards undoes what the test may have left
+behind (a partition, a paused replay, a stopped node, a changed setting), so that a
+failing test does not break the next one. A module may override ``<name>_session``
+(tests/faults/test_pgbouncer.py does) and keep ``<name>``. A test that promotes a
+standby builds a topology of its own instead.
 
 What the machine needs is checked first: a missing program is a skip on a laptop and
-a failure under ``CI``, as for the backends of tests/conftest.py.
+a failure under ``CI``, as for the backends of tests/support/databases.py.
 """
 
 from __future__ import annotations
 
 import glob
+import inspect
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, TypeVar
 
 import pytest
 
-from tests.faults.servers import PostgresServer, ThrowawayServer, throwaway_server
+from tests.support.servers import PostgresServer, ThrowawayServer, throwaway_server
 
 from .galera import PROVIDER as GALERA_PROVIDER, GaleraCluster, galera_cluster
-from .mariadb import NamespacedMariaDB, namespaced_mariadb
+from .mariadb import namespaced_mariadb
+from .netns import Partitionable
 from .pgbouncer import BINARY as PGBOUNCER, PgBouncer, pgbouncer
-from .postgres import PgNode, ReplicatedPostgres, namespaced_postgres, replicated_postgres
+from .postgres import ReplicatedPostgres, namespaced_postgres, replicated_postgres
+
+T = TypeVar("T")
 
 
 def require(condition: bool, message: str) -> None:
+    """Skip the test when the machine lacks ``message``'s program; under CI, fail."""
     if not condition:
         if os.environ.get("CI"):
             pytest.fail(message, pytrace=False)
@@ -44,98 +53,109 @@ def require_namespaces() -> None:
             "network namespaces need root and iproute2 (ip)")
 
 
-@pytest.fixture(scope="session")
-def replicated_session() -> Iterator[ReplicatedPostgres]:
-    require_postgres()
-    with replicated_postgres(standbys=1) as topology:
-        yield topology
-
-
-@pytest.fixture
-def replicated(replicated_session: ReplicatedPostgres) -> Iterator[ReplicatedPostgres]:
-    """A primary and one streaming standby, on loopback, shared by the session."""
-    yield replicated_session
-    replicated_session.reset()
-
-
-@pytest.fixture(scope="session")
-def replicated2_session() -> Iterator[ReplicatedPostgres]:
-    require_postgres()
-    with replicated_postgres(standbys=2) as topology:
-        yield topology
-
-
-@pytest.fixture
-def replicated2(replicated2_session: ReplicatedPostgres) -> Iterator[ReplicatedPostgres]:
-    """A primary and two streaming standbys, on loopback, shared by the session."""
-    yield replicated2_session
-    replicated2_session.reset()
-
-
-@pytest.fixture(scope="session")
-def netns_postgres_session() -> Iterator[PgNode]:
-    require_postgres()
-    require_namespaces()
-    with namespaced_postgres() as node:
-        yield node
-
-
-@pytest.fixture
-def netns_postgres(netns_postgres_session: PgNode) -> Iterator[PgNode]:
-    """A PostgreSQL in a network namespace of its own; healed after the test."""
-    yield netns_postgres_session
-    if netns_postgres_session.netns is not None and netns_postgres_session.netns.partitioned:
-        netns_postgres_session.heal()
-
-
-@pytest.fixture(scope="session")
-def netns_mariadb_session() -> Iterator[NamespacedMariaDB]:
+def require_mariadb() -> None:
     require(bool(glob.glob("/usr/*bin/mariadbd")), "no mariadbd")
-    require_namespaces()
-    with namespaced_mariadb() as server:
-        yield server
 
 
-@pytest.fixture
-def netns_mariadb(netns_mariadb_session: NamespacedMariaDB) -> Iterator[NamespacedMariaDB]:
-    """A MariaDB in a network namespace of its own; healed after the test."""
-    yield netns_mariadb_session
-    if netns_mariadb_session.netns is not None and netns_mariadb_session.netns.partitioned:
-        netns_mariadb_session.heal()
+def require_galera() -> None:
+    require(os.path.exists(GALERA_PROVIDER), f"no {GALERA_PROVIDER}: apt-get install galera-4")
+    require(shutil.which("rsync") is not None, "no rsync (Galera's state transfer): apt-get install rsync")
 
 
-@pytest.fixture(scope="session")
-def bouncer_session() -> Iterator[PgBouncer]:
-    require_postgres()
+def require_pgbouncer() -> None:
     require(os.access(PGBOUNCER, os.X_OK),
             f"no {PGBOUNCER}: apt-get install pgbouncer (the package's own service need not run)")
+
+
+def _topology_fixtures(
+    name: str,
+    build: Callable[[], AbstractContextManager[T]],
+    doc: str,
+    *,
+    requires: tuple[Callable[[], None], ...],
+    before: Callable[[T], Any] | None = None,
+    after: Callable[[T], Any] | None = None,
+) -> tuple[Any, Any]:
+    """The fixture pair of one topology: ``<name>_session`` checks ``requires`` and
+    enters ``build()`` once per session, on first use; ``<name>`` runs ``before`` and
+    ``after`` around each test that takes it. One factory, so that the pairs cannot
+    drift apart from one topology to the next."""
+    session_name = f"{name}_session"
+
+    def built() -> Iterator[T]:
+        for requirement in requires:
+            requirement()
+        with build() as topology:
+            yield topology
+
+    def handed_over(**requested: T) -> Iterator[T]:
+        topology = requested[session_name]
+        if before is not None:
+            before(topology)
+        yield topology
+        if after is not None:
+            after(topology)
+
+    # pytest reads a fixture's dependencies from its signature: give this one the
+    # session fixture's name, so that it is set up (or overridden) as if written out.
+    handed_over.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(session_name, inspect.Parameter.KEYWORD_ONLY)]
+    )
+    built.__doc__ = f"Builds, once per session and on first use, what ``{name}`` hands to a test."
+    handed_over.__doc__ = doc
+    return (pytest.fixture(scope="session", name=session_name)(built),
+            pytest.fixture(name=name)(handed_over))
+
+
+def _heal_partition(node: Partitionable) -> None:
+    """Reconnect a node a test left cut off from the network (and only then)."""
+    if node.netns is not None and node.netns.partitioned:
+        node.heal()
+
+
+@contextmanager
+def _bouncer_before_postgres() -> Iterator[PgBouncer]:
+    """PgBouncer in front of a throwaway PostgreSQL of its own."""
     server: ThrowawayServer
     with throwaway_server(PostgresServer) as server, pgbouncer("127.0.0.1", server.port) as bouncer:
         yield bouncer
 
 
-@pytest.fixture
-def bouncer(bouncer_session: PgBouncer) -> PgBouncer:
-    """PgBouncer (transaction pooling, 2 server connections) in front of a throwaway
-    PostgreSQL, restarted before the test: its server connections start clean, without
-    the prepared statements an earlier test left on them."""
-    bouncer_session.restart()
-    return bouncer_session
+replicated_session, replicated = _topology_fixtures(
+    "replicated", lambda: replicated_postgres(standbys=1),
+    "A primary and one streaming standby, on loopback, shared by the session.",
+    requires=(require_postgres,), after=ReplicatedPostgres.reset,
+)
 
+replicated2_session, replicated2 = _topology_fixtures(
+    "replicated2", lambda: replicated_postgres(standbys=2),
+    "A primary and two streaming standbys, on loopback, shared by the session.",
+    requires=(require_postgres,), after=ReplicatedPostgres.reset,
+)
 
-@pytest.fixture(scope="session")
-def galera_session() -> Iterator[GaleraCluster]:
-    require(bool(glob.glob("/usr/*bin/mariadbd")), "no mariadbd")
-    require(os.path.exists(GALERA_PROVIDER), f"no {GALERA_PROVIDER}: apt-get install galera-4")
-    require(shutil.which("rsync") is not None, "no rsync (Galera's state transfer): apt-get install rsync")
-    with galera_cluster() as cluster:
-        yield cluster
+netns_postgres_session, netns_postgres = _topology_fixtures(
+    "netns_postgres", namespaced_postgres,
+    "A PostgreSQL in a network namespace of its own; healed after the test.",
+    requires=(require_postgres, require_namespaces), after=_heal_partition,
+)
 
+netns_mariadb_session, netns_mariadb = _topology_fixtures(
+    "netns_mariadb", namespaced_mariadb,
+    "A MariaDB in a network namespace of its own; healed after the test.",
+    requires=(require_mariadb, require_namespaces), after=_heal_partition,
+)
 
-@pytest.fixture
-def galera(galera_session: GaleraCluster) -> Iterator[GaleraCluster]:
-    """A three-node MariaDB Galera cluster on loopback, shared by the session; every
-    node running, joined and synced again after the test."""
-    galera_session.heal()
-    yield galera_session
-    galera_session.heal()
+bouncer_session, bouncer = _topology_fixtures(
+    "bouncer", _bouncer_before_postgres,
+    "PgBouncer (transaction pooling, 2 server connections) in front of a throwaway "
+    "PostgreSQL, restarted before the test: its server connections start clean, without "
+    "the prepared statements an earlier test left on them.",
+    requires=(require_postgres, require_pgbouncer), before=PgBouncer.restart,
+)
+
+galera_session, galera = _topology_fixtures(
+    "galera", galera_cluster,
+    "A three-node MariaDB Galera cluster on loopback, shared by the session; every "
+    "node running, joined and synced again after the test.",
+    requires=(require_mariadb, require_galera), before=GaleraCluster.heal, after=GaleraCluster.heal,
+)

@@ -27,8 +27,8 @@ from pathlib import Path
 import pymysql
 from sqlalchemy.engine import URL
 
-from tests.faults.servers import MariaDBServer, _own
-from tests.test_gunicorn import free_port
+from tests.support.network import free_port
+from tests.support.servers import MariaDBServer, chown_to
 
 PROVIDER = "/usr/lib/galera/libgalera_smm.so"
 JOIN_TIMEOUT = 90.0
@@ -88,7 +88,7 @@ class GaleraNode(MariaDBServer):
             "wsrep-slave-threads=2",
             "",
         ]))
-        _own(self.config, self.user)
+        chown_to(self.config, self.user)
 
     def install(self) -> None:
         with (self.root / "install.log").open("ab") as sink:
@@ -100,7 +100,7 @@ class GaleraNode(MariaDBServer):
 
     def start(self, *, bootstrap: bool = False) -> None:
         self.data.mkdir(exist_ok=True)
-        _own(self.data, self.user)
+        chown_to(self.data, self.user)
         command = [shutil.which("mariadbd") or "/usr/sbin/mariadbd", f"--defaults-file={self.config}"]
         if bootstrap:
             command.append("--wsrep-new-cluster")
@@ -230,7 +230,7 @@ class GaleraCluster:
     @contextmanager
     def database(self) -> Iterator[str]:
         """A new database created on node 1 (so on all), migrated to head, dropped at the end."""
-        from tests.conftest import migrate
+        from tests.support.apps import migrate
 
         name = f"galera_{os.urandom(4).hex()}"
         self.nodes[0].query(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
@@ -253,7 +253,7 @@ def galera_cluster(size: int = 3) -> Iterator[GaleraCluster]:
     for number in range(1, size + 1):
         root = Path(tempfile.mkdtemp(prefix=f"myapp-galera-{number}-"))
         root.chmod(0o755)
-        _own(root, MariaDBServer.user)
+        chown_to(root, MariaDBServer.user)
         roots.append(root)
         nodes.append(GaleraNode(root, number))
     try:

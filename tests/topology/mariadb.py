@@ -2,7 +2,7 @@
 
 Why: PyMySQL and the MariaDB server react to a vanished peer differently from libpq
 (their own connect, read and write timeouts), and the application must behave on both
-backends. The server is a ``MariaDBServer`` of tests/faults/servers.py, started with
+backends. The server is a ``MariaDBServer`` of tests/support/servers.py, started with
 ``ip netns exec`` and bound to the namespace address; the harness reaches it through
 its Unix socket, which a partition does not cut.
 """
@@ -21,7 +21,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-from tests.faults.servers import MariaDBServer, _own
+from tests.support.servers import MariaDBServer, chown_to
 
 from .netns import NetNamespace, Partitionable, network_namespace
 
@@ -101,7 +101,7 @@ def namespaced_mariadb() -> Iterator[NamespacedMariaDB]:
     with network_namespace() as netns:
         root = Path(tempfile.mkdtemp(prefix="myapp-topology-mariadb-"))
         root.chmod(0o755)
-        _own(root, MariaDBServer.user)
+        chown_to(root, MariaDBServer.user)
         server = NamespacedMariaDB(root, netns)
         try:
             server.install()

@@ -26,8 +26,8 @@ from typing import Any
 from psycopg.conninfo import make_conninfo
 from sqlalchemy.engine import URL
 
-from tests.faults.servers import START_TIMEOUT, _own
-from tests.test_gunicorn import free_port
+from tests.support.network import free_port
+from tests.support.servers import START_TIMEOUT, chown_to
 
 from .netns import wait_for
 
@@ -66,7 +66,7 @@ class PgBouncer:
         lines += [f"{name} = {value}" for name, value in settings.items()]
         self.ini.write_text("\n".join(lines) + "\n")
         for path in (self.ini, self.root / "userlist.txt"):
-            _own(path, USER)
+            chown_to(path, USER)
 
     def start(self) -> None:
         command = [BINARY, *(["-u", USER] if os.geteuid() == 0 else []), str(self.ini)]
@@ -130,7 +130,7 @@ def pgbouncer(target_host: str, target_port: int, pool_mode: str = "transaction"
         raise FileNotFoundError(f"{BINARY}: apt-get install pgbouncer")
     root = Path(tempfile.mkdtemp(prefix="myapp-topology-pgbouncer-"))
     root.chmod(0o755)
-    _own(root, USER)
+    chown_to(root, USER)
     bouncer = PgBouncer(root, target_host, target_port,
                         {"pool_mode": pool_mode, "default_pool_size": default_pool_size, **settings})
     try:

@@ -4,7 +4,7 @@ may live in a network namespace of its own.
 Why: failover code has to be tested against a real promotion (a standby that was read
 only becomes the writable primary, on another port or host), real replication lag and
 a primary that vanishes without a word. Each node is a :class:`PgNode`, a
-``PostgresServer`` of tests/faults/servers.py in a temporary folder of its own with its
+``PostgresServer`` of tests/support/servers.py in a temporary folder of its own with its
 own port; the harness talks to every node through its Unix socket (the control plane),
 so it keeps control of a node that tests have cut off from the network, while the
 tests connect over TCP (``url()``), the path a partition breaks.
@@ -36,7 +36,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-from tests.faults.servers import START_TIMEOUT, PostgresServer, _as_user, _own
+from tests.support.servers import START_TIMEOUT, PostgresServer, chown_to, run_as
 
 from .netns import NetNamespace, Partitionable, network_namespace, wait_for
 
@@ -127,8 +127,8 @@ class PgNode(PostgresServer, Partitionable):
 
     def _pg_ctl(self, *args: str) -> None:
         prefix = self.netns.exec_prefix() if self.netns is not None else []
-        command = [*prefix, *_as_user(self.user), str(self.bin / "pg_ctl"), "-D", str(self.data), *args]
-        with self.pg_ctl_log.open("ab") as sink:  # a file, never a pipe: see servers.py
+        command = [*prefix, *run_as(self.user), str(self.bin / "pg_ctl"), "-D", str(self.data), *args]
+        with self.pg_ctl_log.open("ab") as sink:  # a file, never a pipe: see tests/support/servers.py
             result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
                                     timeout=START_TIMEOUT + 10)
         if result.returncode != 0:
@@ -210,7 +210,7 @@ def _node(label: str, netns: NetNamespace | None = None, extra_listen: Sequence[
     """A node in a temporary folder of its own, stopped and removed at the end."""
     root = Path(tempfile.mkdtemp(prefix=f"myapp-topology-{label}-"))
     root.chmod(0o755)
-    _own(root, PgNode.user)
+    chown_to(root, PgNode.user)
     node = PgNode(root, label, netns, extra_listen)
     try:
         yield node
@@ -251,7 +251,7 @@ class ReplicatedPostgres:
         prefix = standby.netns.exec_prefix() if standby.netns is not None else []
         conninfo = make_conninfo(host=upstream.address_seen_from(standby), port=upstream.port, user="postgres",
                                  application_name=standby.label)
-        command = [*prefix, *_as_user(standby.user), str(standby.bin / "pg_basebackup"), "-d", conninfo,
+        command = [*prefix, *run_as(standby.user), str(standby.bin / "pg_basebackup"), "-d", conninfo,
                    "-D", str(standby.data), "-R", "-X", "stream", "-c", "fast", "--no-sync"]
         started = time.monotonic()
         with (standby.root / "basebackup.log").open("ab") as sink:
