@@ -24,7 +24,7 @@ from myapp.security import SECURITY_HEADERS
 from tests.support.apps import make_app
 from tests.support.databases import Backend
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def usernames(app: Flask) -> list[str]:
