@@ -50,18 +50,25 @@ _SCOPE_KEY = "myapp_db_scope"  # in ``g``: the context's _Scope
 _ModelBase = Base  # for annotations inside Database, whose ``Base`` attribute shadows it
 
 
-class _Scope:
-    """One app context's key in the session registry, kept in that context's ``g``.
+class _Key:
+    """One app context's key in the session registry; it also holds that session, so the
+    teardown finds it without asking the registry again. A new object per context: no
+    later context can find an earlier one's session (an ``id()`` can be reused)."""
 
-    A new object per context, so no later context can find an earlier one's session
-    (an ``id()`` can be reused). It dies with its context; should the session still be
-    registered then (the teardown never ran), its finaliser closes that session.
-    """
+    __slots__ = ("session",)
+
+    def __init__(self) -> None:
+        self.session: AppSession | None = None
+
+
+class _Scope:
+    """Kept in the context's ``g``, so it dies with the context; should the session still
+    be registered then (the teardown never ran), its finaliser closes that session."""
 
     __slots__ = ("key", "finaliser", "__weakref__")
 
     def __init__(self, database: Database) -> None:
-        self.key = object()
+        self.key = _Key()
         self.finaliser = weakref.finalize(self, database._abandon, self.key)
         self.finaliser.atexit = False
 
@@ -133,17 +140,18 @@ class Database(UnitsOfWork, ReplicaMethods, HealthMethods, GaleraMethods, Testin
 
     # -- 2. a context's session is born on first use ----------------------------------
 
-    def _scope(self) -> object:
+    def _scope(self) -> _Key:
         """The registry's key for the current app context (the scoped_session's scopefunc)."""
-        key = getattr(self._abandoning, "key", None)
+        key: _Key | None = getattr(self._abandoning, "key", None)
         if key is not None:
             return key
-        current_app_or_raise()  # outside an app context: the error that says what to do
+        if not has_app_context():
+            current_app_or_raise()  # the error that says what to do
         scope = g.get(_SCOPE_KEY)
         if scope is None:
             scope = _Scope(self)
             setattr(g, _SCOPE_KEY, scope)
-        return scope.key
+        return scope.key  # type: ignore[no-any-return]
 
     def _create_session(self) -> AppSession:
         """The context's first use of the database: a session bound for reading only if
@@ -156,15 +164,15 @@ class Database(UnitsOfWork, ReplicaMethods, HealthMethods, GaleraMethods, Testin
             for open_session in state.openers:
                 open_session(session, reading)
         except BaseException:
-            self._close(session)
+            self._close(session, registered=False)
             raise
+        self._scope().session = session
         return session
 
     def _current_session(self) -> AppSession | None:
         """The current context's session, without making one."""
-        if not has_app_context() or g.get(_SCOPE_KEY) is None or not self.session.registry.has():
-            return None
-        return self.session()
+        scope = g.get(_SCOPE_KEY) if has_app_context() else None
+        return scope.key.session if scope is not None else None
 
     # -- 3. a request that wrote and succeeded may be committed for it -----------------
 
@@ -209,24 +217,23 @@ class Database(UnitsOfWork, ReplicaMethods, HealthMethods, GaleraMethods, Testin
             scope = g.pop(_SCOPE_KEY, None)
             if scope is not None:
                 scope.finaliser.detach()
+                scope.key.session = None
         if lost:
             self._report_lost(session, lost)
 
-    def _close(self, session: AppSession) -> None:
+    def _close(self, session: AppSession, registered: bool = True) -> None:
         """Roll back, return the connection, forget the session; give its bulkhead slot
         back last, since the ROLLBACK waits on the database too."""
         try:
-            if self.session.registry.has():
-                self.session.remove()
-            else:  # its opening failed: it never made it into the registry
-                session.close()
+            session.close()
         except SQLAlchemyError as error:
             # The connection died under the session (a restart, a server-side kill): the
             # ROLLBACK cannot reach a server that rolls back on its own anyway. The pool
             # has discarded the connection; the response already built must stand.
-            self.session.registry.clear()
             log.warning("closing the session failed: %s", describe_error(error))
         finally:
+            if registered:
+                self.session.registry.clear()
             release, state_of(session).release_slot = state_of(session).release_slot, None
             if release is not None:
                 release()
@@ -240,12 +247,12 @@ class Database(UnitsOfWork, ReplicaMethods, HealthMethods, GaleraMethods, Testin
             raise LostWriteError(message)
         log.warning(message)
 
-    def _abandon(self, key: object) -> None:
+    def _abandon(self, key: _Key) -> None:
         """A context died with its session still registered: close that session."""
         self._abandoning.key = key
         try:
-            if self.session.registry.has():
-                session = self.session()
+            session, key.session = key.session, None
+            if session is not None:
                 log.warning("%s outlived its app context (its teardown did not run); closed it", session.state.origin)
                 self._close(session)
         except Exception:  # a finaliser has no caller to tell
