@@ -190,6 +190,7 @@ ALLOWED = [
     Allowed("myapp/db/replication.py", "session.state.origin", _SESSION_STATE),
     Allowed("myapp/db/routing.py", "state_of(session).reads.replica",
             "SessionState.reads holds our routing.ReplicaReads (typed Any there: session.py cannot import routing)"),
+    Allowed("myapp/db/lifecycle.py", "scope.key.session", "our _Scope (and its _Key), kept in and popped from g"),
     Allowed("myapp/db/lifecycle.py", "self.finaliser.atexit", "weakref.finalize documents its atexit attribute"),
     Allowed("myapp/db/replicas.py", "replica_set._after_fork", "our ReplicaSet's own method, from our WeakSet of them"),
     Allowed("myapp/db/bulkhead.py", "slot.waiting_since", "our _Slot, read back from our threading.local"),
