@@ -240,14 +240,15 @@ def _ping_only_when_the_socket_speaks(engine: Engine) -> None:
     engine.dialect.do_ping = do_ping  # type: ignore[method-assign]
 
 
+_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE (libpq's PQTRANS_IDLE), without importing psycopg here
+
+
 def _socket_is_quiet(connection: Any) -> bool:
     """True if the psycopg connection is idle, not broken, and has nothing to read."""
-    from psycopg.pq import TransactionStatus
-
     try:
         if connection.closed or connection.broken:
             return False
-        if connection.info.transaction_status != TransactionStatus.IDLE:
+        if connection.info.transaction_status != _IDLE:
             return False
         poller = select.poll()
         poller.register(connection.fileno(), select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)

@@ -38,7 +38,10 @@ def has_writes(session: Session) -> bool:
 
 def describe_uncommitted(session: Session) -> list[str]:
     """Name what a session would lose, without its (possibly private) contents."""
-    return _pending(session) + [f"flushed {name}" for name in state_of(session).uncommitted]
+    flushed = [f"flushed {name}" for name in state_of(session).uncommitted]
+    if not session.identity_map and not session.new:  # a request that only read in autocommit, say
+        return flushed
+    return _pending(session) + flushed
 
 
 def _pending(session: Session) -> list[str]:
