@@ -166,7 +166,10 @@ class Database(UnitsOfWork, ReplicaMethods, HealthMethods, GaleraMethods, Testin
         except BaseException:
             self._close(session, registered=False)
             raise
-        self._scope().session = session
+        key = self._scope()
+        previous, key.session = key.session, session
+        if previous is not None:  # removed by hand (db.session.remove()) earlier in this context
+            _release_slot(previous)
         return session
 
     def _current_session(self) -> AppSession | None:
@@ -234,9 +237,7 @@ class Database(UnitsOfWork, ReplicaMethods, HealthMethods, GaleraMethods, Testin
         finally:
             if registered:
                 self.session.registry.clear()
-            release, state_of(session).release_slot = state_of(session).release_slot, None
-            if release is not None:
-                release()
+            _release_slot(session)
 
     def _report_lost(self, session: AppSession, lost: list[str]) -> None:
         message = (
@@ -259,6 +260,13 @@ class Database(UnitsOfWork, ReplicaMethods, HealthMethods, GaleraMethods, Testin
             log.exception("closing an abandoned session failed")
         finally:
             self._abandoning.key = None
+
+
+def _release_slot(session: AppSession) -> None:
+    state = state_of(session)
+    release, state.release_slot = state.release_slot, None
+    if release is not None:
+        release()
 
 
 def _describe_origin() -> str:

@@ -73,3 +73,21 @@ def test_a_rollback_that_fails_after_a_failed_commit_does_not_hide_the_commit_er
     with app.app_context():
         assert db.session.scalar(select(User.id).where(User.username == "twice")) is None
     app.extensions["myapp.database"].engine.dispose()
+
+
+@pytest.mark.backends("postgresql", "mysql")
+def test_a_session_removed_by_hand_gives_its_slot_back_when_the_next_one_is_born(backend: Backend) -> None:
+    """``db.session.remove()`` in a view, then more work: the context's first session
+    held a bulkhead slot that only its own end could give back."""
+    app = make_app(backend.url, DATABASE_BULKHEAD=1, DATABASE_POOL_TIMEOUT=1, PROPAGATE_EXCEPTIONS=False)
+
+    @app.get("/_test/twice")
+    def twice() -> str:
+        db.session.scalar(select(User.id).limit(1))
+        db.session.remove()
+        db.session.scalar(select(User.id).limit(1))
+        return "twice"
+
+    assert _status_from_another_thread(app, "/_test/twice") == 200
+    assert _status_from_another_thread(app, "/_test/twice") == 200  # the one slot is free again
+    app.extensions["myapp.database"].engine.dispose()
