@@ -19,6 +19,10 @@ from flask_wtf import FlaskForm
 from wtforms import StringField, TextAreaField
 from wtforms.validators import DataRequired, Length
 
+# myapp's templates format post times with this filter, so every peer that renders them
+# registers it too (a formatting helper, no database work: the comparison is unchanged).
+from myapp.posts import html_datetime
+
 MYAPP = Path(__file__).resolve().parents[2] / "myapp"
 TITLE_MAX_LENGTH = 200
 BODY_MAX_LENGTH = 20_000
@@ -62,6 +66,7 @@ def make_peer_app(name: str) -> tuple[Flask, Blueprint]:
         WTF_CSRF_ENABLED=False,
         MAX_CONTENT_LENGTH=1024 * 1024,
     )
+    app.add_template_filter(html_datetime, "html_datetime")
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
