@@ -680,3 +680,22 @@ def test_a_check_under_way_cannot_undo_a_requests_mark_down() -> None:
     fresh.start()
     fresh.join(10)
     assert replica.state == "healthy"
+
+
+def test_a_replica_that_cannot_answer_the_replay_question_is_marked_down() -> None:
+    """Found while reading: the replica was forgotten before it was marked down, so a
+    replica that failed the read-your-writes question stayed in the rotation."""
+    from sqlalchemy import create_engine
+
+    from myapp.db.session import AppSession
+
+    replica_set = _fake_set(("healthy", 10))
+    replica = replica_set.replicas[0]
+    replica.engine = create_engine("postgresql+psycopg://app@127.0.0.1:1/site", connect_args={"connect_timeout": 2})
+    replica.replay_lsn_at = -1.0  # its cached position is stale: the session asks it
+    replica_set._next_check = float("inf")  # no background check in this test
+    with AppSession() as session:
+        reads = session.state.reads = routing.ReplicaReads(replica_set, required_lsn=100)
+        assert routing._replica_for(session, reads) is None  # read from the primary
+    assert replica.state == "down" and "Connection refused" in replica.reason
+    replica.engine.dispose()
