@@ -16,7 +16,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     config.load_config(app, test_config)
 
-    from . import auth, cli, errors, health, posts, security
+    from . import auth, cli, errors, health, login_limits, posts, security
     from .db import db
 
     # First: the after_request hook registered first runs last, after any that replaces
@@ -26,12 +26,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     auth.init_app(app)
     errors.init_app(app)
     cli.init_app(app)
+    login_limits.init_app(app)
 
     app.register_blueprint(health.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(posts.bp)
     app.add_url_rule("/", endpoint="index")
-    # Last: the login limits are checked after the hooks that load the user, check CSRF
-    # and guard the database.
     security.init_app(app)
     return app

@@ -27,6 +27,7 @@ from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length, Regexp
 
 from .db import db
+from .login_limits import login_limits
 from .models import USERNAME_MAX_LENGTH, User, normalize_username
 from .users import UsernameTaken, create_user
 
@@ -134,11 +135,11 @@ def register() -> str | Response:
     return render_template("auth/register.html", form=form)
 
 
-# myapp.security rate-limits the POSTs of this view: failed attempts per username and
-# per client address (a failure is a 200 re-showing the form).
 @bp.route("/login", methods=("GET", "POST"))
 def login() -> str | Response:
     form = LoginForm()
+    if request.method == "POST":
+        login_limits().check()  # failed attempts per username and per address: a 429 past either
     if form.validate_on_submit():
         username = cast(str, form.username.data)
         # No account name holds a NUL, and PostgreSQL refuses one even in a WHERE clause.
@@ -146,8 +147,7 @@ def login() -> str | Response:
         password = cast(str, form.password.data)
         if user is None:
             check_password_hash(_DUMMY_HASH, password)
-            form.form_errors.append(BAD_LOGIN)
-        elif not check_password_hash(user.password_hash, password):
+        if user is None or not check_password_hash(user.password_hash, password):
             form.form_errors.append(BAD_LOGIN)
         else:
             session.clear()
@@ -155,6 +155,8 @@ def login() -> str | Response:
             flash(f"Welcome back, {user.username}.", "success")
             target = request.args.get("next")
             return redirect(target if is_safe_redirect(target) else url_for("index"))
+    if request.method == "POST":
+        login_limits().count_failure()  # the form again: a wrong password, or a form it refused
     return render_template("auth/login.html", form=form)
 
 

@@ -153,8 +153,8 @@ DEFAULTS: dict[str, Any] = {
     "PROXY_FIX_X_HOST": 0,
     "PROXY_FIX_X_PORT": 0,
     "PROXY_FIX_X_PREFIX": 0,
-    # Failed logins allowed per username and per client address (Flask-Limiter
-    # syntax, e.g. "5 per minute;20 per hour"). None: on, except under TESTING.
+    # Failed logins allowed per username and per client address (the limits
+    # library's syntax, e.g. "5 per minute;20 per hour"). None: on, except under TESTING.
     "RATELIMIT_ENABLED": None,
     "RATELIMIT_STORAGE_URI": "myapp-db://",  # the app's own database, shared by workers
     "LOGIN_RATE_LIMIT": "5 per minute",

@@ -31,7 +31,7 @@ import myapp.errors
 from myapp.auth import BAD_LOGIN, PASSWORD_MIN_LENGTH, is_safe_redirect
 from myapp.db import db
 from myapp.models import Post, RateLimit, User
-from myapp.security import TOO_MANY_LOGINS, DatabaseStorage
+from myapp.login_limits import TOO_MANY_LOGINS, DatabaseStorage, LoginLimits
 from tests.support.apps import SECRET_KEY, make_app
 from tests.support.auth import AuthActions
 from tests.support.certification import CertificationFailures
@@ -301,7 +301,7 @@ def test_a_failing_limiter_storage_fails_open_never_500(
 
     monkeypatch.setattr(DatabaseStorage, "_read", broken)
     monkeypatch.setattr(DatabaseStorage, "incr", broken)
-    with caplog.at_level(logging.ERROR, logger="flask-limiter"):
+    with caplog.at_level(logging.ERROR, logger="myapp.login_limits"):
         statuses = [login(client, "alice", "wrong password").status_code for _ in range(5)]
         assert statuses == [200] * 5
         assert login(client, "alice", PASSWORD).status_code == 302
@@ -322,11 +322,11 @@ def test_a_429_whose_reset_time_cannot_be_read_logs_it_and_falls_back_to_the_win
         raise OperationalError("SELECT rate_limit.expires_at", {}, Exception("server closed the connection"))
 
     monkeypatch.setattr(DatabaseStorage, "get_expiry", broken)
-    with caplog.at_level(logging.WARNING, logger="myapp.security"):
+    with caplog.at_level(logging.WARNING, logger="myapp.login_limits"):
         limited = login(client, "alice", "wrong password")
     assert limited.status_code == 429
     assert limited.headers["Retry-After"] == "60", "the whole window of '3 per minute'"
-    warnings = [record for record in caplog.records if record.name == "myapp.security"]
+    warnings = [record for record in caplog.records if record.name == "myapp.login_limits"]
     assert [record.levelno for record in warnings] == [logging.WARNING]
     assert "server closed the connection" in warnings[0].getMessage()
 
@@ -790,3 +790,20 @@ def test_no_database_password_when_the_database_is_down(
         "login": login_attempt.get_data(as_text=True), "db status": status.output, "logs": caplog.text,
     }.items():
         assert_no_secret(where, output, [db_password, SECRET_KEY])
+
+
+@limits_on()
+def test_only_the_login_post_runs_the_limits(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every other request pays nothing for them: no hook of the limiter runs."""
+    calls: list[str] = []
+    monkeypatch.setattr(LoginLimits, "check", lambda self: calls.append("check"))
+    monkeypatch.setattr(LoginLimits, "count_failure", lambda self: calls.append("count"))
+    client.get("/healthz")
+    client.get("/")
+    client.get("/auth/login")
+    client.post("/auth/register", data={"username": "x", "password": "short"})
+    assert calls == []
+    login(client, "nobody", "wrong password")
+    assert calls == ["check", "count"]
