@@ -45,6 +45,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || true
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.baseline
 	if [ "$(BENCH_REPLICAS)" = 1 ]; then $(BIN)/python -m bench.replicas; fi
 
 # The post page against the commit before the database layer's redesign (bench/baseline.py),

@@ -11,9 +11,9 @@ the comparison stops if a baseline worker runs this checkout's code. ``GET /post
 each cell records req/s and the workers' CPU time (user + system, from /proc) per
 request; the report gives the medians of the per-repeat ratios.
 
-``make bench`` runs it after its PostgreSQL matrix, on the same database;
-``make bench-baseline`` (``python -m bench.baseline``) runs it alone, on a database of its
-own (``myapp_bench_baseline``), and rewrites ``docs/performance.md``.
+``make bench`` runs it after ``bench/run.py``, and ``make bench-baseline`` alone
+(``python -m bench.baseline``): on a database of its own (``myapp_bench_baseline``), then
+``docs/performance.md`` is rewritten with its section.
 
 Settings (environment): ``BENCH_BASELINE`` (a git revision, default ``BASELINE``),
 ``BENCH_BASELINE_REPEATS`` (10, at least 5), ``BENCH_SECONDS`` (per cell, 2),

@@ -9,9 +9,9 @@ Settings (environment): ``BENCH_POSTGRES_URL`` / ``BENCH_MYSQL_URL`` (a server w
 a ``myapp_bench`` database may be created and dropped; default the test URLs, then
 the local services), ``BENCH_SECONDS`` (per cell, default 2), ``BENCH_REPEATS`` (6: short cells, many
 turns, so that a noisy moment falls on every app alike),
-``BENCH_CONNECTIONS`` (8, the default 2 workers x 4 threads). After the PostgreSQL matrix,
-``bench/baseline.py`` compares the post page with the commit before the database layer's
-redesign (``BENCH_BASELINE``, ``BENCH_BASELINE_REPEATS``).
+``BENCH_CONNECTIONS`` (8, the default 2 workers x 4 threads). ``make bench`` then runs
+``bench/baseline.py``, which compares the post page with the commit before the database
+layer's redesign (``BENCH_BASELINE``, ``BENCH_BASELINE_REPEATS``).
 """
 
 from __future__ import annotations
@@ -378,12 +378,6 @@ def postgres_phase(results: Results, server_url: str, repeats: int, seconds: flo
         finally:
             for server in servers:
                 stop_server(server)
-        from bench import baseline
-
-        try:
-            baseline.save(baseline.compare(url, seeded.max_post_id, folder, command="make bench"))
-        except baseline.BaselineUnavailable as error:
-            results.notes.append(f"No comparison with the baseline: {error}")
 
 
 def single_app_phase(results: Results, backend: str, server_url: str | None, repeats: int, seconds: float, folder: Path) -> None:
