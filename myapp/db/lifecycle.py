@@ -26,7 +26,6 @@ from flask import Flask, current_app, g, has_app_context, has_request_context, r
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import scoped_session, sessionmaker
-from werkzeug.wrappers import Response
 
 from .base import Base
 from .breaker import HealthMethods
@@ -39,8 +38,8 @@ from .replication import READ_ONLY_METHODS, ReplicaMethods
 from .session import AppSession, state_of
 from .state import AppState
 from .testing import TestingMethods
-from .tracking import LostWriteError, describe_uncommitted, has_writes
-from .units import UnitsOfWork, current_app_or_raise, install_commit_hooks
+from .tracking import describe_uncommitted, report_lost
+from .units import UnitsOfWork, commit_before_response, current_app_or_raise, install_commit_hooks
 
 log = logging.getLogger("myapp.db")
 
@@ -125,7 +124,7 @@ class Database(UnitsOfWork, ReplicaMethods, HealthMethods, GaleraMethods, Testin
         )
         install_features(state, app)
         if settings.commit_on_success:
-            app.after_request(self._commit_before_response)
+            app.after_request(commit_before_response(self._current_session, self.rollback))
         app.teardown_appcontext(self._remove_session)
         app.shell_context_processor(lambda: {"db": self, "select": select})
         register_process_hooks()
@@ -177,23 +176,7 @@ class Database(UnitsOfWork, ReplicaMethods, HealthMethods, GaleraMethods, Testin
         scope = g.get(_SCOPE_KEY) if has_app_context() else None
         return scope.key.session if scope is not None else None
 
-    # -- 3. a request that wrote and succeeded may be committed for it -----------------
-
-    def _commit_before_response(self, response: Response) -> Response:
-        """Commit a request that wrote and succeeded, before the response leaves; a
-        failed commit becomes the error page, never a success for a lost write."""
-        session = self._current_session()
-        if session is None:
-            return response
-        if response.status_code >= 400:
-            self.rollback()
-        elif has_writes(session):
-            try:
-                session.commit()
-            except SQLAlchemyError as error:
-                self.rollback()  # a rollback that fails too must not hide the commit's error
-                return current_app.make_response(current_app.handle_user_exception(error))
-        return response
+    # -- 3. work ends with a commit (``units``) -----------------------------------------
 
     def rollback(self) -> None:
         """Roll back the current context's session, if it has one (error pages use it)."""
@@ -222,7 +205,7 @@ class Database(UnitsOfWork, ReplicaMethods, HealthMethods, GaleraMethods, Testin
                 scope.finaliser.detach()
                 scope.key.session = None
         if lost:
-            self._report_lost(session, lost)
+            report_lost(session, lost, raise_it=current_app.testing)
 
     def _close(self, session: AppSession, registered: bool = True) -> None:
         """Roll back, return the connection, forget the session; give its bulkhead slot
@@ -238,15 +221,6 @@ class Database(UnitsOfWork, ReplicaMethods, HealthMethods, GaleraMethods, Testin
             if registered:
                 self.session.registry.clear()
             _release_slot(session)
-
-    def _report_lost(self, session: AppSession, lost: list[str]) -> None:
-        message = (
-            f"{session.state.origin} ended with uncommitted changes ({', '.join(lost)}); they were "
-            "rolled back. Commit them (with db.transaction()) or roll back explicitly."
-        )
-        if current_app.testing:
-            raise LostWriteError(message)
-        log.warning(message)
 
     def _abandon(self, key: _Key) -> None:
         """A context died with its session still registered: close that session."""

@@ -10,6 +10,7 @@ a rollback forgets them.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, event, inspect
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from .config import DatabaseSettings
+
+
+log = logging.getLogger("myapp.db")
 
 
 class LostWriteError(RuntimeError):
@@ -42,6 +46,17 @@ def describe_uncommitted(session: Session) -> list[str]:
     if not session.identity_map and not session.new:  # a request that only read in autocommit, say
         return flushed
     return _pending(session) + flushed
+
+
+def report_lost(session: Session, lost: list[str], raise_it: bool) -> None:
+    """A session ended with writes nobody committed: a bug, raised in tests, logged otherwise."""
+    message = (
+        f"{state_of(session).origin} ended with uncommitted changes ({', '.join(lost)}); they were "
+        "rolled back. Commit them (with db.transaction()) or roll back explicitly."
+    )
+    if raise_it:
+        raise LostWriteError(message)
+    log.warning(message)
 
 
 def _pending(session: Session) -> list[str]:

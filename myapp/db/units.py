@@ -12,8 +12,9 @@ from contextlib import contextmanager, nullcontext
 from typing import Any, ParamSpec, TypeVar
 
 from flask import Flask, current_app, has_app_context
+from werkzeug.wrappers import Response
 from sqlalchemy import event
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from .errors import describe_error, is_retryable
@@ -156,6 +157,30 @@ def _descends_from(transaction: SessionTransaction | None, ancestor: SessionTran
             return True
         transaction = transaction.parent
     return False
+
+
+def commit_before_response(
+    current_session: Callable[[], Session | None], rollback: Callable[[], None]
+) -> Callable[[Response], Response]:
+    """The after_request hook of ``DATABASE_COMMIT_ON_SUCCESS``: commit a request that
+    wrote and succeeded, before the response leaves; a failed commit becomes the error
+    page, never a success for a lost write."""
+
+    def commit(response: Response) -> Response:
+        session = current_session()
+        if session is None:
+            return response
+        if response.status_code >= 400:
+            rollback()
+        elif has_writes(session):
+            try:
+                session.commit()
+            except SQLAlchemyError as error:
+                rollback()  # a rollback that fails too must not hide the commit's error
+                return current_app.make_response(current_app.handle_user_exception(error))
+        return response
+
+    return commit
 
 
 _NO_CONTEXT_MESSAGE = (
