@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +37,8 @@ from sqlalchemy.engine import URL, make_url
 
 from bench import loadgen
 from bench.run import (
-    DATABASE, ROOT, THREADS, WORKERS, Results, Server, log, measure, migrate_and_seed, postgres_server, reachable,
-    start_server, stop_server, throwaway_database, traceback_notes,
+    DATABASE, ROOT, SECRET_KEY, THREADS, WORKERS, Results, Server, log, measure, migrate_and_seed, postgres_server,
+    reachable, start_server, stop_server, throwaway_database, traceback_notes,
 )
 
 BASELINE = "0fa6e80"  # main's head before the redesign of myapp/db/ landed
@@ -135,6 +137,7 @@ def compare(url: URL, max_post_id: int, folder: Path, command: str, revision: st
         finally:
             for server in servers:
                 stop_server(server)
+        in_process = cpu_in_process(url, max_post_id, roots, environment(tree), batches=2 * repeats)
     same_code = not current["uncommitted_changes"] and (
         _git("rev-parse", f"{current['commit']}:myapp") == _git("rev-parse", f"{baseline['commit']}:myapp")
     )
@@ -155,6 +158,7 @@ def compare(url: URL, max_post_id: int, folder: Path, command: str, revision: st
         "total_seconds": round(time.monotonic() - started),
         "imported": {side: {str(pid): path for pid, path in paths.items()} for side, paths in imported.items()},
         "cells": measured.cells,
+        "in_process": in_process,
         "notes": [],
     }
     from bench.report import _fmt, ratio
@@ -163,6 +167,39 @@ def compare(url: URL, max_post_id: int, folder: Path, command: str, revision: st
         f"{_fmt(ratio(measured.cells, 'current', 'baseline', 'post'), 3)}x, worker CPU per request "
         f"{_fmt(ratio(measured.cells, 'current', 'baseline', 'post', key='cpu_us_per_request'), 3)}x")
     return results
+
+
+BATCH = 300  # requests per in-process batch: about half a second of CPU
+
+
+def cpu_in_process(url: URL, max_post_id: int, roots: dict[str, Path], baseline_env: dict[str, str],
+                   batches: int) -> dict[str, list[float]]:
+    """CPU µs per request of each side in process (``bench/cpu_worker.py``), one process a
+    side, their batches alternating: the steadier figure on a busy machine."""
+    workers: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for side, root in roots.items():
+            env = {**os.environ, "DATABASE_URL": url.render_as_string(hide_password=False),
+                   "SECRET_KEY": SECRET_KEY, **(baseline_env if side == "baseline" else {"PYTHONPATH": str(ROOT)})}
+            workers[side] = subprocess.Popen([sys.executable, "-m", "bench.cpu_worker", str(max_post_id)], cwd=root,
+                                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            imported = workers[side].stdout.readline().strip()  # type: ignore[union-attr]
+            if not Path(imported).is_relative_to(root / "myapp"):
+                raise RuntimeError(f"the {side} CPU worker imported {imported}, not {root / 'myapp'}")
+        per_request: dict[str, list[float]] = {side: [] for side in workers}
+        for batch in range(batches):
+            for side in (SIDES if batch % 2 == 0 else SIDES[::-1]):
+                workers[side].stdin.write(f"{BATCH}\n")  # type: ignore[union-attr]
+                workers[side].stdin.flush()  # type: ignore[union-attr]
+                per_request[side].append(float(workers[side].stdout.readline()))  # type: ignore[union-attr]
+    finally:
+        for worker in workers.values():
+            worker.stdin.close()  # type: ignore[union-attr]
+            worker.wait(30)
+    ratios = [now / before for now, before in zip(per_request["current"], per_request["baseline"])]
+    log(f"in process, CPU per request current / baseline: median of {batches} batch pairs "
+        f"{statistics.median(ratios):.3f}x")
+    return per_request
 
 
 def save(results: dict[str, Any]) -> None:

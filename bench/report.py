@@ -265,11 +265,29 @@ def baseline_section(baseline: dict[str, Any]) -> list[str]:
             + (" Both sides run the same `myapp` (equal git trees), so these figures are the noise of the method "
                "on this machine, not a change." if baseline.get("same_myapp") else "")
         )
+    lines += _in_process_lines(baseline.get("in_process"))
     if any(c.get("workers_replaced") for c in cells):
         lines.append("A worker was replaced during at least one cell: that cell's CPU misses the replaced worker.")
     for note in baseline.get("notes", []):
         lines += ["", f"Note: {note}"]
     return lines
+
+
+def _in_process_lines(in_process: dict[str, list[float]] | None) -> list[str]:
+    """The same page in process (``bench/cpu_worker.py``): CPU per request without HTTP
+    and gunicorn, batches of the two sides alternating."""
+    if not in_process or not in_process.get("current"):
+        return []
+    ratios = [now / before for now, before in zip(in_process["current"], in_process["baseline"])]
+    return [
+        "",
+        f"In process, the same page without HTTP or gunicorn (each side in its own process, "
+        f"{len(ratios)} alternating batches of 300 requests, CPU time of the process): current "
+        f"{statistics.median(in_process['current']):.0f} µs, baseline {statistics.median(in_process['baseline']):.0f} µs "
+        f"per request; current / baseline {_change(statistics.median(ratios))} "
+        f"({_fmt(min(ratios))} – {_fmt(max(ratios))} over the batches). It leaves out the costs both sides share "
+        "(the HTTP server, the threads), so it resolves the layers' difference where the served cells cannot.",
+    ]
 
 
 def baseline_chart(baseline: dict[str, Any]) -> None:
