@@ -14,17 +14,15 @@ import random
 import sys
 import time
 
-os.environ.setdefault("DATABASE_BULKHEAD", "3")  # what gunicorn.conf.py sets for 4 threads
-
-import myapp  # noqa: E402 (after the environment it reads)
-from wsgi import app  # noqa: E402
-
-MAX_POST_ID = int(sys.argv[1])
 
 
-def main() -> None:
+def main(max_post_id: int) -> None:
+    os.environ.setdefault("DATABASE_BULKHEAD", "3")  # what gunicorn.conf.py sets for 4 threads
+    import myapp
+    from wsgi import app  # this side's own, first on the path
+
     client = app.test_client()
-    paths = [f"/posts/{random.randint(1, MAX_POST_ID)}" for _ in range(500)]
+    paths = [f"/posts/{random.randint(1, max_post_id)}" for _ in range(500)]
     for path in paths[:200]:  # imports, connections, statement caches
         assert client.get(path).status_code == 200, path
     print(myapp.__file__, flush=True)
@@ -37,4 +35,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]))
