@@ -34,7 +34,7 @@ from sqlalchemy import create_engine, insert
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-from myapp.db import replicas as replicas_module
+from myapp.db import replication as replication_module
 from myapp.models import Post, User
 from tests.db.test_replicas import replica_app, replica_urls, replicas_of, wait_until
 from tests.topology import ReplicatedPostgres, replicated_postgres
@@ -304,7 +304,7 @@ def test_a_silent_replica_is_taken_out_within_the_check_deadline(
         def without_deadlines(config: Any, url: Any, label: str) -> Any:
             return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=1, max_overflow=0)
 
-        monkeypatch.setattr(replicas_module, "make_check_engine", without_deadlines)
+        monkeypatch.setattr(replication_module, "make_check_engine", without_deadlines)
     with silent_topology.primary.database() as database:
         silent_topology.wait_for_replay(standby)
         with replica_app(silent_topology, database, DATABASE_NETWORK_TIMEOUT=2) as app:
