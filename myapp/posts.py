@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_wtf import FlaskForm
-from sqlalchemy import Select, select
-from sqlalchemy.orm import contains_eager, joinedload
+from sqlalchemy import select
+from sqlalchemy.orm import joinedload
 from sqlalchemy.orm.exc import StaleDataError
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, StringField, TextAreaField
@@ -18,6 +18,7 @@ from wtforms.validators import DataRequired, Length, ValidationError
 from .auth import login_required
 from .db import db
 from .models import TITLE_MAX_LENGTH, Post, User, normalize_username
+from .post_reads import PostRecord, latest_records, post_record
 
 bp = Blueprint("posts", __name__)
 
@@ -55,7 +56,7 @@ def html_datetime(value: datetime) -> str:
 
 @dataclass
 class Page:
-    items: list[Post]
+    items: list[PostRecord]
     number: int
     has_next: bool
 
@@ -72,54 +73,33 @@ def _page_number() -> int:
     return int(raw)
 
 
-def paginate(stmt: Select[Any], number: int) -> Page:
-    """One query per page, whatever its size: ask for one row more than a page
-    instead of counting, and load each post's author in the same query.
-
-    The page's ids are picked first, from the (created_at, id) index alone, and only
-    those rows are joined to their text and author: a deep OFFSET then walks the index,
-    not whole rows.
-    """
+def paginate(number: int, author_id: int | None = None) -> Page:
+    """One query per page, whatever its size (``post_reads``); a page past the last is a 404."""
     per_page = current_app.config["POSTS_PER_PAGE"]
-    order = (Post.created_at.desc(), Post.id.desc())
-    ids = (
-        stmt.with_only_columns(Post.id)
-        .order_by(*order)
-        .limit(per_page + 1)
-        .offset((number - 1) * per_page)
-        .subquery()
-    )
-    page_stmt = (
-        select(Post)
-        .join(ids, Post.id == ids.c.id)
-        .join(Post.author)
-        .options(contains_eager(Post.author))
-        .order_by(*order)
-    )
-    rows = list(db.session.scalars(page_stmt))
-    if not rows and number > 1:
+    records = latest_records(per_page + 1, (number - 1) * per_page, author_id)
+    if not records and number > 1:
         abort(404)
-    return Page(items=rows[:per_page], number=number, has_next=len(rows) > per_page)
+    return Page(items=records[:per_page], number=number, has_next=len(records) > per_page)
 
 
-def get_post(post_id: int, check_author: bool = True) -> Post:
-    """The post with its author (one query), or 404; and 403 unless the logged-in user
-    wrote it."""
-    post = (
-        db.session.get(Post, post_id, options=[joinedload(Post.author)])
-        if 0 < post_id <= _MAX_ID
-        else None
-    )
+def _missing(post_id: int) -> NoReturn:
+    abort(404, f"Post {post_id} does not exist.")
+
+
+def get_post(post_id: int) -> Post:
+    """The logged-in user's own post, as an ORM object to change: 404 if there is no
+    such post, 403 if someone else wrote it."""
+    post = db.session.get(Post, post_id, options=[joinedload(Post.author)]) if 0 < post_id <= _MAX_ID else None
     if post is None:
-        abort(404, f"Post {post_id} does not exist.")
-    if check_author and (g.user is None or post.author_id != g.user.id):
+        _missing(post_id)
+    if g.user is None or post.author_id != g.user.id:
         abort(403)
     return post
 
 
 @bp.get("/")
 def index() -> str:
-    page = paginate(select(Post), _page_number())
+    page = paginate(_page_number())
     return render_template("posts/index.html", page=page)
 
 
@@ -130,13 +110,16 @@ def user_posts(username: str) -> str:
     user = db.session.scalar(select(User).where(User.username == name)) if "\x00" not in name else None
     if user is None:
         abort(404, "No such user.")
-    page = paginate(select(Post).where(Post.author_id == user.id), _page_number())
+    page = paginate(_page_number(), author_id=user.id)
     return render_template("posts/user.html", user=user, page=page)
 
 
 @bp.get("/posts/<int:post_id>")
 def detail(post_id: int) -> str:
-    return render_template("posts/detail.html", post=get_post(post_id, check_author=False))
+    post = post_record(post_id) if 0 < post_id <= _MAX_ID else None
+    if post is None:
+        _missing(post_id)
+    return render_template("posts/detail.html", post=post)
 
 
 @bp.route("/posts/new", methods=("GET", "POST"))

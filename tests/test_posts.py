@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -17,6 +17,7 @@ from myapp.db import AppSession, db
 from myapp.models import Post, User
 from myapp.posts import BODY_MAX_LENGTH
 from tests.support.auth import AuthActions
+from tests.support.posts import add_posts
 from tests.support.certification import CertificationFailures
 from tests.support.queries import assert_num_queries
 
@@ -34,29 +35,6 @@ def stored_posts(app: Flask) -> list[tuple[str, str, str, int]]:
             select(Post.title, Post.body, User.username, Post.version).join(Post.author).order_by(Post.id)
         )
         return [tuple(row) for row in rows]  # type: ignore[misc]
-
-
-def add_posts(app: Flask, count: int, authors: tuple[str, ...] = ("alice", "bob", "carol")) -> list[int]:
-    """Store ``count`` posts, a minute apart and round-robin over ``authors``; return
-    their ids, oldest first. Titles are "post 0", "post 1", ..."""
-    start = datetime(2026, 1, 1)
-    with app.app_context():
-        with db.transaction() as session:
-            users = {}
-            for name in authors:
-                user = session.scalar(select(User).where(User.username == name))
-                users[name] = user or User(username=name, password_hash="not used")
-            posts = [
-                Post(
-                    title=f"post {number}",
-                    body=f"body {number}",
-                    author=users[authors[number % len(authors)]],
-                    created_at=start + timedelta(minutes=number),
-                )
-                for number in range(count)
-            ]
-            session.add_all(posts)
-        return [post.id for post in posts]
 
 
 def titles(html: str) -> list[str]:
