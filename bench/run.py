@@ -3,11 +3,16 @@ load them in turn on loopback, and write ``docs/performance.md`` and its chart.
 
 PostgreSQL is the main backend: every app, every route, apps interleaved within each
 repeat so that a slow moment of this shared machine hits all of them alike; ratios are
-taken per repeat and their median reported. SQLite and MariaDB run myapp alone.
+taken per repeat and their median reported. SQLite and MariaDB serve myapp,
+Flask-SQLAlchemy, their hand-written peer (sqlite3, PyMySQL) and bare Flask the same
+way (``PHASES``); the PostgreSQL-only parts are the connection watch, the query counts
+and the in-process A/B (``bench/ab.py``).
 
 Settings (environment): ``BENCH_POSTGRES_URL`` / ``BENCH_MYSQL_URL`` (a server where
 a ``myapp_bench`` database may be created and dropped; default the test URLs, then
-the local services), ``BENCH_SECONDS`` (per cell, default 2), ``BENCH_REPEATS`` (6: short cells, many
+the local services), ``BENCH_BACKENDS`` (the phases to run, of
+``postgresql,sqlite,mysql``, all by default: e.g. ``BENCH_BACKENDS=mysql`` for a
+MariaDB run alone), ``BENCH_SECONDS`` (per cell, default 2), ``BENCH_REPEATS`` (6: short cells, many
 turns, so that a noisy moment falls on every app alike),
 ``BENCH_CONNECTIONS`` (8, the default 2 workers x 4 threads). ``make bench`` then runs
 ``bench/baseline.py``, which compares the post page with the commit before the database
@@ -58,6 +63,8 @@ APPS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
     "flask-sqlalchemy": ("bench.peers.fsa:app", ("healthz", "post", "index", "create"), {}),
     "flask-docs": ("bench.peers.scoped:app", ("healthz", "post", "index", "create"), {}),
     "psycopg": ("bench.peers.psycopg_raw:app", ("healthz", "post", "index", "create"), {}),
+    "pymysql": ("bench.peers.pymysql_raw:app", ("healthz", "post", "index", "create"), {}),
+    "sqlite3": ("bench.peers.sqlite_raw:app", ("healthz", "post", "index", "create"), {}),
     "bare-flask": ("bench.peers.bare:app", ("healthz", "post", "index", "create"), {}),
     # Before/after of two optimisations, measured in the same run.
     "myapp-full-ping": (
@@ -72,6 +79,24 @@ APPS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
         "bench.project_wsgi:app", ("post", "index"),
         {"WEB_CONCURRENCY": "1", "DATABASE_APP_NAME": "myapp-bench-1w"},
     ),
+    # What the fault-handling defaults cost: the same app with the circuit breaker, the
+    # bulkhead (which gunicorn.conf.py sets to threads - 1 unless it is set) and the
+    # network timeouts off. The statement timeout is off (0) by default, on both sides.
+    "myapp-no-faults": (
+        "bench.project_wsgi:app", ("post", "index"),
+        {"DATABASE_BREAKER_THRESHOLD": "0", "DATABASE_BULKHEAD": "0", "DATABASE_NETWORK_TIMEOUT": "0",
+         "DATABASE_STATEMENT_TIMEOUT": "0", "DATABASE_APP_NAME": "myapp-bench-nofaults"},
+    ),
+}
+# The apps each backend's phase serves, interleaved; on MariaDB and SQLite the raw peer
+# is the driver myapp uses there.
+PHASES: dict[str, tuple[str, ...]] = {
+    "postgresql": (
+        "myapp", "flask-sqlalchemy", "flask-docs", "psycopg", "bare-flask",
+        "myapp-full-ping", "myapp-no-autocommit", "myapp-1-worker", "myapp-no-faults",
+    ),
+    "sqlite": ("myapp", "flask-sqlalchemy", "sqlite3", "bare-flask"),
+    "mysql": ("myapp", "flask-sqlalchemy", "pymysql", "bare-flask"),
 }
 ROUTES = ("healthz", "post", "index", "create")
 
@@ -350,46 +375,55 @@ def count_index_queries(url: URL) -> dict[str, int]:
     return counts
 
 
-def postgres_phase(results: Results, server_url: str, repeats: int, seconds: float, folder: Path) -> None:
-    with throwaway_database("postgresql", server_url) as url:
-        log("PostgreSQL: migrating and seeding 1,000 users and 10,000 posts")
+def backend_phase(
+    results: Results, backend: str, server_url: str | None, repeats: int, seconds: float, folder: Path
+) -> None:
+    """Seed a throwaway database, serve the backend's ``PHASES`` apps on it and run the
+    matrix; on PostgreSQL also the connection watch, worker memory, the query counts and
+    the in-process A/B."""
+    with throwaway_database(backend, server_url) as url:
+        log(f"{backend}: migrating and seeding 1,000 users and 10,000 posts")
         seeded = migrate_and_seed(url)
-        servers = [start_server(name, module, url, folder, extra) for name, (module, _, extra) in APPS.items()]
+        servers: list[Server] = []
         try:
-            by_name = {server.name: server for server in servers}
-            with ConnectionWatch(server_url) as watch:
+            for name in PHASES[backend]:
+                module, _, extra = APPS[name]
+                servers.append(start_server(name, module, url, folder, extra, tag=f"{backend}-"))
+            if backend == "postgresql":
+                assert server_url is not None
+                _postgres_matrix(results, server_url, url, servers, seeded, repeats, seconds)
+            else:
                 warm_up(servers, seeded)
-                rss_before = rss_mb(by_name["myapp"])
-                run_matrix(results, "postgresql", servers, seeded, repeats, seconds)
-                rss_after = rss_mb(by_name["myapp"])
-            served = sum(c["requests"] for c in results.cells if c["app"] == "myapp" and c["backend"] == "postgresql")
-            results.memory = {"rss_before_mb": rss_before, "rss_after_mb": rss_after, "requests": served}
-            results.connections = {
-                "peaks": dict(watch.peaks),
-                "limit": WORKERS * (5 + 5),
-                "limit_1_worker": 1 * (5 + 5),
-            }
-            results.queries = count_index_queries(url)
-            log("in-process A/B of the database-layer changes")
-            from bench import ab
-
-            results.ab = ab.run_all(url.render_as_string(hide_password=False))
-            results.ab_peers = ab.run_peers(url.render_as_string(hide_password=False))
+                run_matrix(results, backend, servers, seeded, repeats, seconds)
         finally:
             for server in servers:
                 stop_server(server)
 
 
-def single_app_phase(results: Results, backend: str, server_url: str | None, repeats: int, seconds: float, folder: Path) -> None:
-    with throwaway_database(backend, server_url) as url:
-        log(f"{backend}: migrating and seeding")
-        seeded = migrate_and_seed(url)
-        server = start_server("myapp", APPS["myapp"][0], url, folder, {}, tag=f"{backend}-")
-        try:
-            warm_up([server], seeded)
-            run_matrix(results, backend, [server], seeded, repeats, seconds)
-        finally:
-            stop_server(server)
+def _postgres_matrix(
+    results: Results, server_url: str, url: URL, servers: list[Server], seeded: Seeded, repeats: int, seconds: float
+) -> None:
+    """The matrix with what only PostgreSQL shows: peak connections (pg_stat_activity),
+    myapp's worker memory across it, then the query counts and the in-process A/B."""
+    by_name = {server.name: server for server in servers}
+    with ConnectionWatch(server_url) as watch:
+        warm_up(servers, seeded)
+        rss_before = rss_mb(by_name["myapp"])
+        run_matrix(results, "postgresql", servers, seeded, repeats, seconds)
+        rss_after = rss_mb(by_name["myapp"])
+    served = sum(c["requests"] for c in results.cells if c["app"] == "myapp" and c["backend"] == "postgresql")
+    results.memory = {"rss_before_mb": rss_before, "rss_after_mb": rss_after, "requests": served}
+    results.connections = {
+        "peaks": dict(watch.peaks),
+        "limit": WORKERS * (5 + 5),
+        "limit_1_worker": 1 * (5 + 5),
+    }
+    results.queries = count_index_queries(url)
+    log("in-process A/B of the database-layer changes")
+    from bench import ab
+
+    results.ab = ab.run_all(url.render_as_string(hide_password=False))
+    results.ab_peers = ab.run_peers(url.render_as_string(hide_password=False))
 
 
 def postgres_server() -> str:
@@ -412,6 +446,7 @@ def main() -> None:
     started = time.monotonic()
     seconds = float(os.environ.get("BENCH_SECONDS", "2"))
     repeats = int(os.environ.get("BENCH_REPEATS", "6"))
+    backends = selected_backends(os.environ.get("BENCH_BACKENDS", ""))
     postgres = postgres_server()
     mysql = os.environ.get("BENCH_MYSQL_URL") or os.environ.get("TEST_MYSQL_URL") or "mysql+pymysql://root@127.0.0.1:3306/test"
     results = Results(
@@ -427,6 +462,8 @@ def main() -> None:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "seconds": seconds,
             "repeats": repeats,
+            "backends": backends,
+            "phases": {backend: list(PHASES[backend]) for backend in backends},
             "connections": int(os.environ.get("BENCH_CONNECTIONS", "8")),
             "workers": WORKERS,
             "threads": THREADS,
@@ -436,15 +473,17 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="myapp-bench-logs-") as logs:
         folder = Path(logs)
-        if not reachable(postgres):
-            raise SystemExit(f"PostgreSQL is not reachable at {make_url(postgres)!r}: set BENCH_POSTGRES_URL")
-        postgres_phase(results, postgres, repeats, seconds, folder)
-        other_repeats, other_seconds = max(1, repeats // 2), seconds
-        single_app_phase(results, "sqlite", None, other_repeats, other_seconds, folder)
-        if reachable(mysql):
-            single_app_phase(results, "mysql", mysql, other_repeats, other_seconds, folder)
-        else:
-            results.notes.append(f"MariaDB was not reachable at {make_url(mysql)!r}: no MariaDB figures.")
+        if "postgresql" in backends:
+            if not reachable(postgres):
+                raise SystemExit(f"PostgreSQL is not reachable at {make_url(postgres)!r}: set BENCH_POSTGRES_URL")
+            backend_phase(results, "postgresql", postgres, repeats, seconds, folder)
+        if "sqlite" in backends:
+            backend_phase(results, "sqlite", None, repeats, seconds, folder)
+        if "mysql" in backends:
+            if reachable(mysql):
+                backend_phase(results, "mysql", mysql, repeats, seconds, folder)
+            else:
+                results.notes.append(f"MariaDB was not reachable at {make_url(mysql)!r}: no MariaDB figures.")
         results.notes += traceback_notes(folder)
     results.settings["total_seconds"] = round(time.monotonic() - started)
     results.machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -454,6 +493,15 @@ def main() -> None:
 
     report.write(asdict(results))
     log(f"done in {results.settings['total_seconds']} s: docs/performance.md")
+
+
+def selected_backends(value: str) -> list[str]:
+    """``BENCH_BACKENDS``: names of ``PHASES`` separated by commas; empty: all of them."""
+    names = [name.strip() for name in value.split(",") if name.strip()] or list(PHASES)
+    unknown = [name for name in names if name not in PHASES]
+    if unknown:
+        raise SystemExit(f"BENCH_BACKENDS: unknown backend(s) {', '.join(unknown)}; choose from {', '.join(PHASES)}")
+    return [name for name in PHASES if name in names]
 
 
 def traceback_notes(folder: Path) -> list[str]:

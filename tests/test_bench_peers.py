@@ -1,5 +1,6 @@
-"""The benchmark's peers serve the very pages myapp serves, from the same rows, so the
-benchmark compares database layers and nothing else (bench/peers/)."""
+"""The benchmark's peers serve the very pages myapp serves, from the same rows, on each
+backend they are measured on, so the benchmark compares database layers and nothing
+else (bench/peers/)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,21 @@ from tests.support.apps import SECRET_KEY
 from tests.support.databases import Backend
 from tests.support.queries import assert_num_queries
 
-pytestmark = [pytest.mark.real_commits, pytest.mark.backends("postgresql")]
+pytestmark = [pytest.mark.real_commits]
 
-DB_PEERS = ("fsa", "scoped", "psycopg_raw")
+# The database peers bench/run.py serves on each backend.
+PEERS_BY_BACKEND = {
+    "postgresql": ("fsa", "scoped", "psycopg_raw"),
+    "mysql": ("fsa", "pymysql_raw"),
+    "sqlite": ("fsa", "sqlite_raw"),
+}
+DB_PEERS = [
+    "fsa",
+    pytest.param("scoped", marks=pytest.mark.backends("postgresql")),
+    pytest.param("psycopg_raw", marks=pytest.mark.backends("postgresql")),
+    pytest.param("pymysql_raw", marks=pytest.mark.backends("mysql")),
+    pytest.param("sqlite_raw", marks=pytest.mark.backends("sqlite")),
+]
 
 
 def _import_peer(name: str) -> ModuleType:
@@ -39,7 +52,7 @@ def _close_peer(name: str, module: ModuleType) -> None:
             module.db.engine.dispose()
     elif name == "scoped":
         module.engine.dispose()
-    elif name == "psycopg_raw":
+    elif name in ("psycopg_raw", "pymysql_raw", "sqlite_raw"):
         conn = getattr(module._local, "conn", None)
         if conn is not None:
             conn.close()
@@ -54,7 +67,7 @@ def peers(app: Flask, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Iter
     monkeypatch.setenv("DATABASE_URL", backend.url.render_as_string(hide_password=False))
     monkeypatch.setenv("SECRET_KEY", SECRET_KEY)
     monkeypatch.setenv("POSTS_PER_PAGE", "20")
-    modules = {name: _import_peer(name) for name in (*DB_PEERS, "bare")}
+    modules = {name: _import_peer(name) for name in (*PEERS_BY_BACKEND[backend.name], "bare")}
     try:
         yield modules
     finally:
@@ -101,6 +114,7 @@ def test_peer_create_writes_a_post_myapp_shows(app: Flask, peers: dict[str, Modu
         assert db.session.get(Post, post_id).author_id == author.id  # type: ignore[union-attr]
 
 
+@pytest.mark.backends("postgresql")
 def test_bare_flask_serves_the_same_layout_without_a_database(peers: dict[str, ModuleType]) -> None:
     client = peers["bare"].app.test_client()
     assert client.get("/healthz").get_json() == {"status": "ok"}
@@ -112,6 +126,7 @@ def test_bare_flask_serves_the_same_layout_without_a_database(peers: dict[str, M
     assert client.post("/posts/new", data={"title": "t", "body": "b"}).status_code == 302
 
 
+@pytest.mark.backends("postgresql")
 @pytest.mark.parametrize("per_page, number", [(5, 1), (20, 2), (50, 1)])
 def test_index_is_one_query_whatever_the_page(
     app: Flask, peers: dict[str, ModuleType], per_page: int, number: int
@@ -137,6 +152,7 @@ def _pooled_backend_pid(engine: Any) -> int:
         return int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
 
 
+@pytest.mark.backends("postgresql")
 def test_quiet_connection_skips_the_ping_and_a_spoken_one_gets_it(app: Flask, backend: Backend) -> None:
     engine = app.extensions["myapp.database"].engine
     observer = create_engine(backend.url, poolclass=NullPool)
@@ -157,6 +173,7 @@ def test_quiet_connection_skips_the_ping_and_a_spoken_one_gets_it(app: Flask, ba
         observer.dispose()
 
 
+@pytest.mark.backends("postgresql")
 def test_terminated_pooled_connection_is_replaced_without_an_error(app: Flask, backend: Backend) -> None:
     engine = app.extensions["myapp.database"].engine
     observer = create_engine(backend.url, poolclass=NullPool)
@@ -175,6 +192,7 @@ def test_terminated_pooled_connection_is_replaced_without_an_error(app: Flask, b
         observer.dispose()
 
 
+@pytest.mark.backends("postgresql")
 def test_a_read_request_sends_its_select_and_nothing_else(app: Flask, backend: Backend) -> None:
     """The post page's one round trip: no ping, no BEGIN before it, no ROLLBACK after."""
     engine = app.extensions["myapp.database"].engine

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,35 @@ class Page:
     @property
     def has_prev(self) -> bool:
         return self.number > 1
+
+
+@dataclass
+class RowAuthor:
+    """A post's author as the hand-written peers build it from a row (what templates read)."""
+
+    id: int
+    username: str
+
+
+@dataclass
+class RowPost:
+    """A post as the hand-written peers build it from a row: the attributes the templates read."""
+
+    id: int
+    author_id: int
+    title: str
+    body: str
+    created_at: datetime
+    updated_at: datetime | None
+    author: RowAuthor
+
+
+def post_from_row(row: tuple[Any, ...]) -> RowPost:
+    """``(id, author_id, title, body, created_at, updated_at, username)``: the column order
+    of the hand-written peers' post queries. (``psycopg_raw`` keeps its own copy of these
+    classes, unchanged since it was first measured.)"""
+    post_id, author_id, title, body, created_at, updated_at, username = row
+    return RowPost(post_id, author_id, title, body, created_at, updated_at, RowAuthor(author_id, username))
 
 
 def make_peer_app(name: str) -> tuple[Flask, Blueprint]:
