@@ -73,6 +73,7 @@ class Recording:
     busy: dict[int, int]
     seconds: float
     cell: dict[str, Any]
+    lags: list[str]  # py-spy's warnings that it fell behind its rate
 
 
 def parse(argv: list[str]) -> Options:
@@ -181,8 +182,10 @@ def record(server: Server, route: loadgen.Route, options: Options, folder: Path)
             stop_spy(pid, spy, folder)
     sampled = time.monotonic() - started
     per_worker = {pid: fold((folder / f"{pid}.txt").read_text().splitlines()) for pid in spies}
+    lags = [f"py-spy on worker {pid}: {line.strip()}" for pid in spies
+            for line in (folder / f"{pid}.log").read_text(errors="replace").splitlines() if "behind" in line]
     busy = {pid: sum(stacks.values()) for pid, stacks in per_worker.items()}
-    return Recording(merge(per_worker.values()), busy, sampled, measured.cells[-1])
+    return Recording(merge(per_worker.values()), busy, sampled, measured.cells[-1], lags[:10])
 
 
 def warm_up(server: Server, route: loadgen.Route, seeded: Seeded) -> None:
@@ -256,9 +259,10 @@ def header(options: Options, recording: Recording, source: dict[str, Any], load:
         f"- Samples: {busy} busy thread samples from {workers} workers, py-spy at {options.rate} Hz for "
         f"{recording.seconds:.1f} s: {threads:.2f} busy threads per worker on average",
         f"- Sampled: {SAMPLED[options.gil]}",
-        f"- Coverage: {threads:.2f} of a core per worker in the samples, against {cores:.2f} of a core per worker "
-        "of CPU time (/proc) over the load: the difference is system time and C code that runs without the GIL "
-        "(socket writes and reads, libpq), which py-spy's Python stacks cannot place" if options.gil else "",
+        *([f"- Coverage: the samples hold the GIL {threads:.2f} of the time per worker (at the nominal rate), "
+           f"the workers used {cores:.2f} of a core each (/proc): the rest is system time and C code that runs "
+           "without the GIL (socket reads and writes, libpq), which Python stacks cannot place, plus ticks "
+           "py-spy missed on this loaded machine (see the notes)"] if options.gil else []),
     ]
 
 
@@ -290,13 +294,13 @@ EXPLAIN = [
 
 def summary(options: Options, recording: Recording, source: dict[str, Any], load: list[list[float]],
             notes: list[str]) -> str:
-    lines = [line for line in header(options, recording, source, load) if line]
+    lines = header(options, recording, source, load)
     mode = "GIL holder" if options.gil else "active threads"
     lines += ["", f"## Top costs by layer (self time, {mode})", "", *layer_table(recording.stacks)]
     lines += ["", f"## Top {TOP_FUNCTIONS} functions by self time", "", *function_table(recording.stacks)]
     lines += EXPLAIN
-    if notes:
-        lines += ["", "## Server notes", "", *(f"- {note}" for note in notes)]
+    notes = recording.lags + notes
+    lines += ["", "## Notes", "", *(f"- {note}" for note in notes or ["py-spy kept its rate; no tracebacks in the server log."])]
     return "\n".join(lines) + "\n"
 
 
