@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test test-fast lint migrate clean bench bench-baseline bench-replicas bench-galera reliability
+.PHONY: run test test-fast lint migrate clean bench bench-baseline bench-replicas bench-galera bench-flame reliability
 
 # Reinstall when the dependency list changes.
 $(STAMP): setup.cfg pyproject.toml
@@ -53,6 +53,13 @@ bench: $(BENCH_STAMP)
 bench-baseline: $(BENCH_STAMP)
 	command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || true
 	$(BIN)/python -m bench.baseline
+
+# Flame graphs of one served route (bench/flame.py): py-spy (needs root or ptrace rights) on
+# every gunicorn worker under load; writes docs/flame/<label>.svg and .md. FLAME_ARGS passes
+# its options, e.g. FLAME_ARGS='--app psycopg --label post-psycopg-raw' or '--rev 0fa6e80'.
+bench-flame: $(BENCH_STAMP)
+	command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || true
+	$(BIN)/python -m bench.flame $(FLAME_ARGS)
 
 # Read replicas (bench/replicas.py): starts its own primary and two standbys (needs the
 # PostgreSQL server binaries), adds its section to docs/performance.md. Also run by

@@ -91,11 +91,23 @@ def served_from(server: Server, timeout: float = 10) -> dict[int, str]:
         time.sleep(0.2)
 
 
-def _describe(commit: str) -> dict[str, str]:
+def checked_imports(server: Server, root: Path) -> dict[int, str]:
+    """The ``myapp`` each worker imported, refusing a server whose workers run another
+    tree's code: a baseline worker on this checkout's myapp would compare it with itself."""
+    imported = served_from(server)
+    wrong = {pid: path for pid, path in imported.items() if not Path(path).is_relative_to(root / "myapp")}
+    if wrong:
+        raise RuntimeError(f"{server.name} workers did not import myapp from {root}: {wrong}")
+    log(f"{server.name}: every worker imported {sorted(set(imported.values()))}")
+    return imported
+
+
+def describe(commit: str) -> dict[str, str]:
+    """A commit's id, short id and subject, for a report's header."""
     return {"commit": commit, "short": commit[:7], "subject": _git("log", "-1", "--format=%s", commit)}
 
 
-def _changed_here() -> bool:
+def changed_here() -> bool:
     """Whether this checkout's served files differ from its HEAD (uncommitted changes)."""
     return bool(_git("status", "--porcelain", "--", *TREE))
 
@@ -106,12 +118,12 @@ def compare(url: URL, max_post_id: int, folder: Path, command: str, revision: st
     seconds = float(os.environ.get("BENCH_SECONDS", "2"))
     started = time.monotonic()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
-    current = {**_describe(_git("rev-parse", "HEAD")), "uncommitted_changes": _changed_here()}
+    current = {**describe(_git("rev-parse", "HEAD")), "uncommitted_changes": changed_here()}
     measured = Results()
     imported: dict[str, dict[int, str]] = {}
     with tempfile.TemporaryDirectory(prefix="myapp-baseline-") as extracted:
         tree = Path(extracted)
-        baseline = _describe(extract(revision, tree))
+        baseline = describe(extract(revision, tree))
         log(f"baseline {revision} = {baseline['short']} ({baseline['subject'][:60]}) extracted into {tree}")
         roots = {"current": ROOT, "baseline": tree}
         servers: list[Server] = []
@@ -124,12 +136,7 @@ def compare(url: URL, max_post_id: int, folder: Path, command: str, revision: st
             for server in servers:  # imports, connections, statement caches
                 loadgen.run(server.url, route, 1, 8)
             for server in servers:
-                imported[server.name] = served_from(server)
-                wrong = {pid: path for pid, path in imported[server.name].items()
-                         if not Path(path).is_relative_to(roots[server.name] / "myapp")}
-                if wrong:
-                    raise RuntimeError(f"{server.name} workers did not import myapp from {roots[server.name]}: {wrong}")
-                log(f"{server.name}: every worker imported {sorted(set(imported[server.name].values()))}")
+                imported[server.name] = checked_imports(server, roots[server.name])
             for repeat in range(repeats):
                 shift = repeat % len(servers)
                 for server in servers[shift:] + servers[:shift]:
