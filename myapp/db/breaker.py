@@ -4,8 +4,8 @@ When the database stops answering, each request that needs it waits out a timeou
 and once every thread of a worker waits, nothing is left to answer ``/healthz``: a
 load balancer then declares the whole site dead. So:
 
-- the **bulkhead** caps how many threads may use the database at once; a request over
-  the cap waits a moment for a slot, then gets a 503, and a thread stays free for
+- the **bulkhead** caps how many threads may wait on the database at once; a request
+  over the cap waits a moment for a slot, then gets a 503, and a thread stays free for
   requests that need no database;
 - the **breaker** counts failures to answer (connect attempts and statements that waited
   at least ``SLOW_FAILURE_SECONDS`` and then failed: timeouts, lost connections) in a
@@ -14,9 +14,9 @@ load balancer then declares the whole site dead. So:
   probes the database with a fresh connection. Its success closes the breaker; its
   failure keeps it open for another period.
 
-``Guards`` is the feature: it asks both when a context's session is born (the slot
-first: a probe waits on the database too), and the engine's events report each wait
-and each statement's outcome. ``HealthMethods`` gives ``db`` its ping and breaker status.
+``Guards`` is the feature: it asks the breaker when a context's session is born, and
+the engine's events take and give back the bulkhead's slots around each wait and
+report each statement's outcome. ``HealthMethods`` gives ``db`` its ping and breaker status.
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from .bulkhead import Bulkhead
 from .errors import DatabaseUnavailable, describe_error
-from .session import AppSession, state_of
+from .session import AUTOCOMMIT_KEY, AppSession, state_of
 from .state import AppState, StateAccess
 
 if TYPE_CHECKING:
@@ -151,19 +153,33 @@ class Guards:
                                    probe=lambda: ping_once(probe_engine))
         for engine in state.serving:  # a replica's statement waits on a database too
             _watch(engine, self.breaker if engine is state.engine else None, self.bulkhead)
+        if self.bulkhead is not None:
+            _admit_units(state.sessionmaker, self.bulkhead)
         state.openers.insert(0, self._admit)  # before anything else a session's birth does
 
     def _admit(self, session: AppSession, reading: bool) -> None:
-        """Take a bulkhead slot, then ask the breaker; the lifecycle gives the slot back
-        when the session ends, or at once if the breaker refuses."""
+        """Admit the session's first unit to the bulkhead, then ask the breaker (the
+        slot first: the breaker's probe waits on the database too). Should the slot
+        outlive its events (an interrupt), the session's end gives it back."""
         if self.bulkhead is not None:
-            state_of(session).release_slot = self.bulkhead.acquire()
+            state_of(session).release_slot = partial(self.bulkhead.release, self.bulkhead.holder())
+            self.bulkhead.admit()
         if self.breaker is not None:
             self.breaker.check()
 
 
+def _admit_units(maker: sessionmaker[Any], bulkhead: Bulkhead) -> None:
+    """A session's unit of work is admitted as it begins, before its checkout, whose
+    ping or connect may hang on a database that stopped answering."""
+
+    @event.listens_for(maker, "after_transaction_create")
+    def _admit_unit(session: Session, transaction: SessionTransaction) -> None:
+        if transaction.parent is None:
+            bulkhead.admit()
+
+
 def _watch(engine: Engine, breaker: Breaker | None, bulkhead: Bulkhead | None) -> None:
-    """Tell the bulkhead when its holders wait on the database and when they are back,
+    """Tell the bulkhead when a thread waits on the database and when it is answered,
     and the breaker each statement's outcome and each slow failure to connect or to get
     an answer. Waits are timed per thread: a dead connection's info cannot be read."""
     began = threading.local()
@@ -172,13 +188,13 @@ def _watch(engine: Engine, breaker: Breaker | None, bulkhead: Bulkhead | None) -
         if breaker is not None:
             began.at = time.monotonic()
         if bulkhead is not None:
-            bulkhead.waiting(True)
+            bulkhead.admit()
 
-    def answered(*args: Any) -> None:
+    def answered(connection: Connection, *args: Any) -> None:
         if breaker is not None:
             breaker.record_success()
         if bulkhead is not None:
-            bulkhead.waiting(False)
+            bulkhead.answered(release=AUTOCOMMIT_KEY in connection.info)
 
     event.listen(engine, "do_connect", waiting)
     event.listen(engine, "before_cursor_execute", waiting)
@@ -190,19 +206,28 @@ def _watch(engine: Engine, breaker: Breaker | None, bulkhead: Bulkhead | None) -
 
 
 def _watch_transaction_ends(engine: Engine, bulkhead: Bulkhead) -> None:
-    """COMMIT and ROLLBACK wait on the database too; their events fire before the call,
-    so the wait ends when the connection is handed out or back, not at the next statement."""
+    """COMMIT and ROLLBACK wait on the database too; their events fire before the call.
+    The connection handed out ends the wait of its checkout; handed back, the slot goes
+    back. A failed statement's wait ends where it fails."""
 
-    def waiting(*args: Any) -> None:
-        bulkhead.waiting(True)
+    def ending(*args: Any) -> None:
+        bulkhead.admit(force=True)
 
-    def back(*args: Any) -> None:
-        bulkhead.waiting(False)
+    def checked_out(*args: Any) -> None:
+        bulkhead.answered(release=False)
 
-    event.listen(engine, "commit", waiting)
-    event.listen(engine, "rollback", waiting)
-    event.listen(engine, "checkout", back)
-    event.listen(engine, "checkin", back)
+    def checked_in(*args: Any) -> None:
+        bulkhead.release()
+
+    def failed(context: Any) -> None:
+        connection = context.connection
+        bulkhead.answered(release=connection is None or AUTOCOMMIT_KEY in connection.info)
+
+    event.listen(engine, "commit", ending)
+    event.listen(engine, "rollback", ending)
+    event.listen(engine, "checkout", checked_out)
+    event.listen(engine, "checkin", checked_in)
+    event.listen(engine, "handle_error", failed)
 
 
 def _count_failures(engine: Engine, breaker: Breaker, began: threading.local) -> None:

@@ -180,7 +180,7 @@ def app_config() -> dict[str, Any]:
 
 
 def _hold_the_database(app: Flask) -> tuple[threading.Event, threading.Event]:
-    """A route that keeps its database slot, busy with work of its own, until told to let go."""
+    """A route that queries, then keeps busy with work of its own until told to stop."""
     entered, leave = threading.Event(), threading.Event()
 
     @app.get("/_test/hold")
@@ -193,23 +193,29 @@ def _hold_the_database(app: Flask) -> tuple[threading.Event, threading.Event]:
     return entered, leave
 
 
-_SLEEP = {"postgresql": "SELECT pg_sleep(1.5)", "mysql": "SELECT SLEEP(1.5)"}
+_SLEEP = {"postgresql": "SELECT pg_sleep(:seconds)", "mysql": "SELECT SLEEP(:seconds)"}
 
 
-@pytest.mark.real_commits
-@pytest.mark.backends("postgresql", "mysql")
-def test_bulkhead_refuses_at_once_when_every_holder_is_stuck_on_the_database(app: Flask, backend: Backend) -> None:
+def _waiting_on_the_database(app: Flask, backend: Backend, seconds: float) -> tuple[threading.Thread, threading.Event]:
+    """A request, in its own thread, whose statement waits ``seconds`` on the database."""
     entered = threading.Event()
 
     @app.get("/_test/stuck")
     def stuck() -> str:
         db.session.scalar(select(func.count()).select_from(User))
         entered.set()
-        db.session.execute(text(_SLEEP[backend.name]))  # waits on the database
+        db.session.execute(text(_SLEEP[backend.name]), {"seconds": seconds})
         return "done"
 
     holder = threading.Thread(target=lambda: app.test_client().get("/_test/stuck"))
     holder.start()
+    return holder, entered
+
+
+@pytest.mark.real_commits
+@pytest.mark.backends("postgresql", "mysql")
+def test_bulkhead_refuses_at_once_when_every_holder_is_stuck_on_the_database(app: Flask, backend: Backend) -> None:
+    holder, entered = _waiting_on_the_database(app, backend, 1.5)
     try:
         assert entered.wait(10)
         time.sleep(0.4)  # the holder has now waited on the database past the 0.2 s timeout
@@ -225,18 +231,46 @@ def test_bulkhead_refuses_at_once_when_every_holder_is_stuck_on_the_database(app
 
 
 @pytest.mark.real_commits
-@pytest.mark.backends("postgresql", "mysql")
-def test_bulkhead_queues_behind_a_holder_busy_with_its_own_work(app: Flask) -> None:
-    """A holder rendering or hashing is not stuck: the next request waits for the slot."""
+@pytest.mark.backends("postgresql")
+def test_bulkhead_slot_is_not_held_by_a_page_busy_after_its_reads(app: Flask) -> None:
+    """A GET reading in autocommit holds nothing between statements: while it renders
+    (or hashes) the next request is served at once instead of queueing behind it (a
+    handoff per request, which a busy worker pays in CPU)."""
     entered, leave = _hold_the_database(app)
     holder = threading.Thread(target=lambda: app.test_client().get("/_test/hold"))
     holder.start()
     try:
         assert entered.wait(10)
+        started = time.monotonic()
+        assert app.test_client().get("/").status_code == 200
+        assert time.monotonic() - started < 0.5  # no wait for a slot (the holder stays 10 s)
+    finally:
+        leave.set()
+        holder.join(10)
+
+
+@pytest.mark.real_commits
+@pytest.mark.backends("postgresql", "mysql")
+def test_bulkhead_queues_behind_a_holder_busy_inside_its_transaction(app: Flask) -> None:
+    """Inside a transaction (its locks, a PgBouncer server connection) a holder keeps
+    its slot while it works; it is not stuck, so the next request waits for the slot."""
+    entered, leave = threading.Event(), threading.Event()
+
+    @app.post("/_test/hold-in-transaction")
+    def hold_in_transaction() -> str:
+        with db.transaction() as session:
+            session.scalar(select(func.count()).select_from(User))
+            entered.set()
+            leave.wait(10)
+        return "held"
+
+    holder = threading.Thread(target=lambda: app.test_client().post("/_test/hold-in-transaction"))
+    holder.start()
+    try:
+        assert entered.wait(10)
         threading.Timer(0.6, leave.set).start()  # the holder finishes its own work
         started = time.monotonic()
-        served = app.test_client().get("/")
-        assert served.status_code == 200
+        assert app.test_client().get("/").status_code == 200
         assert 0.5 <= time.monotonic() - started < 3  # it waited for the slot
     finally:
         leave.set()
@@ -245,32 +279,32 @@ def test_bulkhead_queues_behind_a_holder_busy_with_its_own_work(app: Flask) -> N
 
 @pytest.mark.real_commits
 @pytest.mark.backends("postgresql", "mysql")
-def test_bulkhead_gives_up_after_the_pool_timeout(app: Flask) -> None:
-    entered, leave = _hold_the_database(app)
-    holder = threading.Thread(target=lambda: app.test_client().get("/_test/hold"))
-    holder.start()
+def test_bulkhead_gives_up_after_the_pool_timeout(app: Flask, backend: Backend) -> None:
+    """A holder waiting on the database, not yet stuck: the next request queues for
+    the slot, at most DATABASE_POOL_TIMEOUT (3 s here), then gets a 503."""
+    bulkhead = app.extensions["myapp.database"].feature(Guards).bulkhead
+    bulkhead.timeout = 10  # never stuck within this test
+    holder, entered = _waiting_on_the_database(app, backend, 4.5)
     try:
         assert entered.wait(10)
         started = time.monotonic()
         assert app.test_client().get("/").status_code == 503
-        assert 2.9 <= time.monotonic() - started < 4  # DATABASE_POOL_TIMEOUT
+        assert 2.9 <= time.monotonic() - started < 4.2  # DATABASE_POOL_TIMEOUT
     finally:
-        leave.set()
         holder.join(10)
 
 
 @pytest.mark.real_commits
 @pytest.mark.backends("postgresql", "mysql")
-def test_negative_control_without_bulkhead_the_second_request_is_served(app: Flask) -> None:
-    app.extensions["myapp.database"].feature(Guards).bulkhead = None
-    entered, leave = _hold_the_database(app)
-    holder = threading.Thread(target=lambda: app.test_client().get("/_test/hold"))
-    holder.start()
+def test_negative_control_with_room_a_stuck_holder_does_not_refuse(app: Flask, backend: Backend) -> None:
+    """The same stuck holder under a cap of two: it is the cap that refuses."""
+    app.extensions["myapp.database"].feature(Guards).bulkhead.limit = 2
+    holder, entered = _waiting_on_the_database(app, backend, 1.5)
     try:
         assert entered.wait(10)
+        time.sleep(0.4)
         assert app.test_client().get("/").status_code == 200
     finally:
-        leave.set()
         holder.join(10)
 
 

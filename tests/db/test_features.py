@@ -107,7 +107,8 @@ def test_everything_on_for_postgresql() -> None:
                DATABASE_REPLICA_URLS="postgresql+psycopg://app@127.0.0.1:2/site")
     assert _features(app) == ["ReadOnlyAutocommit", "Replicas", "WriteTracking", "Guards", "SlowQueryLog",
                               "QueryBudget"]
-    bulkhead = Counter({"engine.commit": 1, "engine.rollback": 1, "pool.checkout": 1, "pool.checkin": 1})
+    bulkhead = Counter({"engine.commit": 1, "engine.rollback": 1, "pool.checkout": 1, "pool.checkin": 1,
+                        "dialect.handle_error": 1, "session.after_transaction_create": 1})
     query_budget = Counter({"engine.before_cursor_execute": 1})
     replica_routing = Counter({"session.do_orm_execute": 1})
     assert listener_counts(app) == CORE + AUTOCOMMIT + BREAKER + SLOW_QUERY_LOG + bulkhead + query_budget + replica_routing
@@ -120,6 +121,7 @@ def test_everything_on_for_postgresql() -> None:
     assert replica_only == Counter({
         "engine.before_cursor_execute": 4, "engine.after_cursor_execute": 2, "engine.commit": 1,
         "engine.rollback": 1, "pool.checkout": 1, "pool.checkin": 3, "dialect.do_connect": 2,
+        "dialect.handle_error": 1,
     })
 
 
