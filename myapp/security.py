@@ -4,8 +4,11 @@ over HTTPS. (Login attempts are limited in ``login_limits``.)"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Flask, has_request_context, request
 from flask.sessions import SecureCookieSessionInterface
+from itsdangerous import URLSafeTimedSerializer
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response
 
@@ -23,6 +26,7 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 STRICT_TRANSPORT_SECURITY = "max-age=31536000"  # sent over HTTPS only
+_SERIALIZER_KEY = "myapp.session_serializer"  # in app.extensions: (what it was built from, serializer)
 
 def init_headers(app: Flask) -> None:
     """Call first in ``create_app``, before any other after_request hook is registered.
@@ -78,3 +82,14 @@ class HttpsAwareSessionInterface(SecureCookieSessionInterface):
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return super().get_cookie_secure(app) or (has_request_context() and request.is_secure)
+
+    def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
+        """Flask builds a new serializer on every request, to open the session even when
+        no cookie came (itsdangerous then checks its JSON serializer by dumping ``{}``):
+        the largest cost of a request that never reads the session. Built once per app,
+        and again whenever the secret key or its fallbacks change."""
+        made_from = (self, app.secret_key, tuple(app.config["SECRET_KEY_FALLBACKS"] or ()))
+        cached: tuple[Any, URLSafeTimedSerializer | None] | None = app.extensions.get(_SERIALIZER_KEY)
+        if cached is None or cached[0] != made_from:
+            cached = app.extensions[_SERIALIZER_KEY] = (made_from, super().get_signing_serializer(app))
+        return cached[1]

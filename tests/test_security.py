@@ -21,6 +21,7 @@ import pytest
 import requests
 from flask import Flask, Response, url_for
 from flask.testing import FlaskClient
+from itsdangerous import BadSignature
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
@@ -449,6 +450,27 @@ def test_session_cookie_is_secure_over_https_behind_a_trusted_proxy(app: Flask, 
     assert response.headers["Strict-Transport-Security"].startswith("max-age=")
     plain = login(client, "alice", PASSWORD)
     assert "secure" not in session_cookie_flags(plain) and "Strict-Transport-Security" not in plain.headers
+
+
+def test_the_session_follows_a_new_secret_key_and_its_fallbacks(app: Flask, client: FlaskClient) -> None:
+    """The cookie's signing serializer is built once per app, not per request: a key
+    rotated afterwards (SECRET_KEY_FALLBACKS) must still be what signs and verifies."""
+    with client.session_transaction() as session:
+        session["user_id"] = 12345
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    interface = app.session_interface
+    assert interface.get_signing_serializer(app).loads(cookie.value) == {"user_id": 12345}
+
+    old_key, app.secret_key = app.secret_key, secrets.token_hex(32)
+    with pytest.raises(BadSignature):
+        interface.get_signing_serializer(app).loads(cookie.value)
+    app.config["SECRET_KEY_FALLBACKS"] = [old_key]
+    rotated = interface.get_signing_serializer(app)
+    assert rotated.loads(cookie.value) == {"user_id": 12345}
+    resigned = rotated.dumps({"user_id": 1})
+    app.config["SECRET_KEY_FALLBACKS"] = []
+    assert interface.get_signing_serializer(app).loads(resigned) == {"user_id": 1}, "signed with the new key"
 
 
 # -- SECRET_KEY refusal --------------------------------------------------------------------------
