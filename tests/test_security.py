@@ -19,7 +19,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import pytest
 import requests
-from flask import Flask, Response, url_for
+from flask import Flask, Response, request, url_for
 from flask.testing import FlaskClient
 from itsdangerous import BadSignature
 from sqlalchemy import create_engine, func, select, text
@@ -28,6 +28,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.security import check_password_hash, generate_password_hash
 from werkzeug.test import TestResponse
 
+import myapp.auth
 import myapp.errors
 from myapp.auth import BAD_LOGIN, PASSWORD_MIN_LENGTH, is_safe_redirect
 from myapp.db import db
@@ -133,6 +134,23 @@ def test_every_post_route_refuses_a_request_without_csrf_token(app: Flask, clien
     assert response.status_code == 302
     with app.app_context():
         assert db.session.get(Post, post_id).title == "Changed"  # type: ignore[union-attr]
+
+
+@with_config(WTF_CSRF_ENABLED=True)
+def test_only_state_changing_methods_run_the_csrf_check(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads pay nothing for CSRF; every POST is checked once, by our hook alone."""
+    checked: list[str] = []
+    protect = myapp.auth.csrf.protect
+    monkeypatch.setattr(myapp.auth.csrf, "protect", lambda **kw: (checked.append(request.path), protect(**kw)))
+    for path in ("/healthz", "/", "/auth/login", "/no/such/page"):
+        client.get(path)
+        client.head(path)
+    assert checked == []
+    assert client.post("/auth/register", data={"username": "x"}).status_code == 400
+    assert client.post("/auth/logout").status_code == 400
+    assert checked == ["/auth/register", "/auth/logout"]
 
 
 def test_logout_is_post_only(app: Flask, client: FlaskClient) -> None:
