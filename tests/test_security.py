@@ -585,6 +585,28 @@ def assert_security_headers(response: TestResponse) -> None:
     assert response.headers.get("Referrer-Policy") in ("same-origin", "strict-origin", "strict-origin-when-cross-origin")
 
 
+def test_json_answers_carry_the_headers_that_apply_to_data(app: Flask, client: FlaskClient) -> None:
+    """The probes answer JSON: not sniffed as HTML, not framed; the page-only headers
+    (Referrer-Policy, COOP, the page's CSP) are left off. Their HTML error pages get all."""
+    for path in ("/healthz", "/readyz"):
+        response = client.get(path)
+        assert response.status_code == 200 and response.is_json, path
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        policy = {part.strip() for part in response.headers["Content-Security-Policy"].split(";")}
+        assert policy == {"default-src 'none'", "frame-ancestors 'none'"}
+        assert "Referrer-Policy" not in response.headers and "Cross-Origin-Opener-Policy" not in response.headers
+    refused = client.post("/healthz")
+    assert refused.status_code == 405 and refused.mimetype == "text/html"
+    assert_security_headers(refused)
+
+
+@with_config(PROXY_FIX_X_PROTO=1)
+def test_json_answers_over_https_carry_strict_transport_security(app: Flask, client: FlaskClient) -> None:
+    response = client.get("/healthz", headers={"X-Forwarded-Proto": "https"})
+    assert response.headers["Strict-Transport-Security"] == "max-age=31536000"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
 @with_config(PROPAGATE_EXCEPTIONS=False, WTF_CSRF_ENABLED=True, MAX_CONTENT_LENGTH=1000,
              RATELIMIT_ENABLED=True, LOGIN_RATE_LIMIT="1 per minute")
 def test_every_kind_of_response_carries_the_security_headers(app: Flask, client: FlaskClient) -> None:
