@@ -46,8 +46,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def init_app(app: Flask) -> None:
-    # The user first, so that a CSRF 400 page still shows who is logged in.
-    app.before_request(load_logged_in_user)
+    config = app.config
+
+    @app.before_request
+    def load_user_and_check_csrf() -> None:
+        """The user first, so that a CSRF 400 page still shows who is logged in; then
+        the CSRF check (a 400 page without a valid token) for POST, PUT, PATCH, DELETE.
+
+        Flask-WTF's own hook (off: WTF_CSRF_CHECK_DEFAULT) looks up the view's
+        exemptions before the method, so every GET paid for that lookup; this tests the
+        method first and then runs the same check, exemptions applied. One hook for
+        both: each hook costs every request, /healthz included.
+        """
+        load_logged_in_user()
+        if request.method in config["WTF_CSRF_METHODS"] and config["WTF_CSRF_ENABLED"]:
+            csrf.protect(apply_exemptions=True)
+
     csrf.init_app(app)
 
 

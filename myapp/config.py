@@ -146,6 +146,8 @@ DEFAULTS: dict[str, Any] = {
     # Also Secure whenever the request came over HTTPS (see PROXY_FIX_X_PROTO).
     "SESSION_COOKIE_SECURE": False,
     "WTF_CSRF_TIME_LIMIT": None,  # the token lives as long as the session cookie
+    # Flask-WTF's hook off: auth.check_csrf runs the same check, for unsafe methods only.
+    "WTF_CSRF_CHECK_DEFAULT": False,
     # How many proxies in front of the app set each X-Forwarded-* header (0: trust
     # none). Set only what your own proxy overwrites: a client can send these too.
     "PROXY_FIX_X_FOR": 0,

@@ -4,8 +4,11 @@ over HTTPS. (Login attempts are limited in ``login_limits``.)"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Flask, has_request_context, request
 from flask.sessions import SecureCookieSessionInterface
+from itsdangerous import URLSafeTimedSerializer
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response
 
@@ -22,7 +25,16 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
+# A JSON body (the probes' answers) is data, not a page: no script, link, form or window
+# of its own, so only what still applies to data (OWASP's headers for REST answers):
+# never sniffed as HTML, never framed. Each header costs gunicorn a little on every
+# response, and /healthz is the cheapest route there is.
+DATA_SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 STRICT_TRANSPORT_SECURITY = "max-age=31536000"  # sent over HTTPS only
+_SERIALIZER_KEY = "myapp.session_serializer"  # in app.extensions: (what it was built from, serializer)
 
 def init_headers(app: Flask) -> None:
     """Call first in ``create_app``, before any other after_request hook is registered.
@@ -44,11 +56,13 @@ def init_app(app: Flask) -> None:
 
 
 def add_security_headers(response: Response) -> Response:
-    """Runs for every response, error pages and static files included."""
+    """Runs for every response, error pages and static files included: all of
+    SECURITY_HEADERS, but only DATA_SECURITY_HEADERS on a JSON answer."""
+    wanted = DATA_SECURITY_HEADERS if response.mimetype == "application/json" else SECURITY_HEADERS
     # One pass over the headers instead of a case-insensitive scan per setdefault():
     # this runs on every response, so its cost shows on the cheapest routes.
     present = {name.lower() for name, _ in response.headers}
-    for name, value in SECURITY_HEADERS.items():
+    for name, value in wanted.items():
         if name.lower() not in present:
             response.headers.add(name, value)
     if has_request_context() and request.is_secure:
@@ -78,3 +92,14 @@ class HttpsAwareSessionInterface(SecureCookieSessionInterface):
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return super().get_cookie_secure(app) or (has_request_context() and request.is_secure)
+
+    def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
+        """Flask builds a new serializer on every request, to open the session even when
+        no cookie came (itsdangerous then checks its JSON serializer by dumping ``{}``):
+        the largest cost of a request that never reads the session. Built once per app,
+        and again whenever the secret key or its fallbacks change."""
+        made_from = (self, app.secret_key, tuple(app.config["SECRET_KEY_FALLBACKS"] or ()))
+        cached: tuple[Any, URLSafeTimedSerializer | None] | None = app.extensions.get(_SERIALIZER_KEY)
+        if cached is None or cached[0] != made_from:
+            cached = app.extensions[_SERIALIZER_KEY] = (made_from, super().get_signing_serializer(app))
+        return cached[1]

@@ -86,3 +86,21 @@ def test_healthz_ignores_a_session_cookie_while_the_database_is_down(down_app: F
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.get_json() == {"status": "ok"}
+
+
+def test_healthz_makes_no_database_session_and_leaves_the_cookie_alone(app: Flask) -> None:
+    """A logged-in browser's probe: no session of the database is made (the user is not
+    loaded), and the cookie session is neither read nor written (no Vary, no Set-Cookie)."""
+    state = app.extensions["myapp.database"]
+    made: list[object] = []
+    app.teardown_request(lambda exc: made.append(state.current_session()))  # before the session's removal
+    client = app.test_client()
+    with client.session_transaction() as session:
+        session["user_id"] = 1
+    made.clear()  # session_transaction's own request contexts
+    probe = client.get("/healthz")
+    assert probe.status_code == 200 and made == [None]
+    assert "Set-Cookie" not in probe.headers and "Vary" not in probe.headers
+    page = client.get("/")  # control: a page loads the user, so it makes a session
+    assert page.status_code == 200 and made[1] is not None
+    assert "Cookie" in page.headers.get("Vary", "")

@@ -19,14 +19,16 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import pytest
 import requests
-from flask import Flask, Response, url_for
+from flask import Flask, Response, request, url_for
 from flask.testing import FlaskClient
+from itsdangerous import BadSignature
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from werkzeug.security import check_password_hash, generate_password_hash
 from werkzeug.test import TestResponse
 
+import myapp.auth
 import myapp.errors
 from myapp.auth import BAD_LOGIN, PASSWORD_MIN_LENGTH, is_safe_redirect
 from myapp.db import db
@@ -132,6 +134,23 @@ def test_every_post_route_refuses_a_request_without_csrf_token(app: Flask, clien
     assert response.status_code == 302
     with app.app_context():
         assert db.session.get(Post, post_id).title == "Changed"  # type: ignore[union-attr]
+
+
+@with_config(WTF_CSRF_ENABLED=True)
+def test_only_state_changing_methods_run_the_csrf_check(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads pay nothing for CSRF; every POST is checked once, by our hook alone."""
+    checked: list[str] = []
+    protect = myapp.auth.csrf.protect
+    monkeypatch.setattr(myapp.auth.csrf, "protect", lambda **kw: (checked.append(request.path), protect(**kw)))
+    for path in ("/healthz", "/", "/auth/login", "/no/such/page"):
+        client.get(path)
+        client.head(path)
+    assert checked == []
+    assert client.post("/auth/register", data={"username": "x"}).status_code == 400
+    assert client.post("/auth/logout").status_code == 400
+    assert checked == ["/auth/register", "/auth/logout"]
 
 
 def test_logout_is_post_only(app: Flask, client: FlaskClient) -> None:
@@ -451,6 +470,27 @@ def test_session_cookie_is_secure_over_https_behind_a_trusted_proxy(app: Flask, 
     assert "secure" not in session_cookie_flags(plain) and "Strict-Transport-Security" not in plain.headers
 
 
+def test_the_session_follows_a_new_secret_key_and_its_fallbacks(app: Flask, client: FlaskClient) -> None:
+    """The cookie's signing serializer is built once per app, not per request: a key
+    rotated afterwards (SECRET_KEY_FALLBACKS) must still be what signs and verifies."""
+    with client.session_transaction() as session:
+        session["user_id"] = 12345
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    interface = app.session_interface
+    assert interface.get_signing_serializer(app).loads(cookie.value) == {"user_id": 12345}
+
+    old_key, app.secret_key = app.secret_key, secrets.token_hex(32)
+    with pytest.raises(BadSignature):
+        interface.get_signing_serializer(app).loads(cookie.value)
+    app.config["SECRET_KEY_FALLBACKS"] = [old_key]
+    rotated = interface.get_signing_serializer(app)
+    assert rotated.loads(cookie.value) == {"user_id": 12345}
+    resigned = rotated.dumps({"user_id": 1})
+    app.config["SECRET_KEY_FALLBACKS"] = []
+    assert interface.get_signing_serializer(app).loads(resigned) == {"user_id": 1}, "signed with the new key"
+
+
 # -- SECRET_KEY refusal --------------------------------------------------------------------------
 
 REFUSAL = "SECRET_KEY must be set to a random value of at least 32 characters"
@@ -543,6 +583,28 @@ def assert_security_headers(response: TestResponse) -> None:
     assert response.headers.get("X-Content-Type-Options") == "nosniff"
     assert response.headers.get("X-Frame-Options") == "DENY"
     assert response.headers.get("Referrer-Policy") in ("same-origin", "strict-origin", "strict-origin-when-cross-origin")
+
+
+def test_json_answers_carry_the_headers_that_apply_to_data(app: Flask, client: FlaskClient) -> None:
+    """The probes answer JSON: not sniffed as HTML, not framed; the page-only headers
+    (Referrer-Policy, COOP, the page's CSP) are left off. Their HTML error pages get all."""
+    for path in ("/healthz", "/readyz"):
+        response = client.get(path)
+        assert response.status_code == 200 and response.is_json, path
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        policy = {part.strip() for part in response.headers["Content-Security-Policy"].split(";")}
+        assert policy == {"default-src 'none'", "frame-ancestors 'none'"}
+        assert "Referrer-Policy" not in response.headers and "Cross-Origin-Opener-Policy" not in response.headers
+    refused = client.post("/healthz")
+    assert refused.status_code == 405 and refused.mimetype == "text/html"
+    assert_security_headers(refused)
+
+
+@with_config(PROXY_FIX_X_PROTO=1)
+def test_json_answers_over_https_carry_strict_transport_security(app: Flask, client: FlaskClient) -> None:
+    response = client.get("/healthz", headers={"X-Forwarded-Proto": "https"})
+    assert response.headers["Strict-Transport-Security"] == "max-age=31536000"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
 @with_config(PROPAGATE_EXCEPTIONS=False, WTF_CSRF_ENABLED=True, MAX_CONTENT_LENGTH=1000,

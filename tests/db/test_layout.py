@@ -156,6 +156,7 @@ ALLOWED = [
     Allowed("myapp/login_limits.py", "app.config[...]", _FLASK_CONFIG),
     Allowed("myapp/db/lifecycle.py", "app.extensions[...]", _FLASK_EXTENSIONS),
     Allowed("myapp/login_limits.py", "app.extensions[...]", _FLASK_EXTENSIONS),
+    Allowed("myapp/security.py", "app.extensions[...]", _FLASK_EXTENSIONS + " (the session's signing serializer)"),
     Allowed("myapp/security.py", "app.session_interface",
             "Flask documents app.session_interface as the attribute to set for a custom session interface"),
     Allowed("myapp/security.py", "app.wsgi_app",
