@@ -194,7 +194,6 @@ ALLOWED = [
     Allowed("myapp/db/lifecycle.py", "scope.key.session", "our _Scope (and its _Key), kept in and popped from g"),
     Allowed("myapp/db/lifecycle.py", "self.finaliser.atexit", "weakref.finalize documents its atexit attribute"),
     Allowed("myapp/db/replicas.py", "replica_set._after_fork", "our ReplicaSet's own method, from our WeakSet of them"),
-    Allowed("myapp/db/bulkhead.py", "slot.waiting_since", "our _Slot, read back from our threading.local"),
     Allowed("myapp/db/errors.py", "self.reason",
             "our DatabaseUnavailable(SQLAlchemyError)'s own field; SQLAlchemyError has no such attribute"),
     Allowed("myapp/db/errors.py", "self.retry_after",
