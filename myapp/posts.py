@@ -130,7 +130,7 @@ def create() -> str | Response:
 
         @db.retrying()
         def publish() -> Post:
-            post = Post(title=form.title.data, body=form.body.data, author=g.user)
+            post = Post(title=form.title.data, body=form.body.data, author_id=g.user.id)
             with db.transaction() as session:
                 session.add(post)
             return post

@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, g
 from flask.testing import FlaskClient
 from sqlalchemy import Select, false, select
 from werkzeug.security import check_password_hash, generate_password_hash
 
 import myapp.users
-from myapp.auth import BAD_LOGIN, USERNAME_TAKEN
+from myapp.auth import BAD_LOGIN, USERNAME_TAKEN, SignedIn
 from myapp.db import db
 from myapp.models import User
 from tests.support.auth import AuthActions
@@ -322,6 +322,20 @@ def test_nav_shows_who_is_logged_in(client: FlaskClient, auth: AuthActions) -> N
     assert '<a href="/users/alice" class="who">alice</a>' in page
     assert '<form class="inline" method="post" action="/auth/logout">' in page
     assert 'href="/auth/login"' not in page and 'href="/auth/register"' not in page
+
+
+def test_the_signed_in_user_is_a_row_not_a_tracked_object(app: Flask, client: FlaskClient, auth: AuthActions) -> None:
+    """Every page of a signed-in visitor loads the user; as a row it costs no identity
+    map and no ORM object to track."""
+    auth.register_and_login()
+    with client.session_transaction() as cookie:
+        user_id = cookie["user_id"]
+    cookie = client.get_cookie(app.config["SESSION_COOKIE_NAME"])
+    assert cookie is not None
+    with app.test_request_context("/", headers={"Cookie": f"{cookie.key}={cookie.value}"}):
+        app.preprocess_request()
+        assert g.user == SignedIn(user_id, "alice") and g.username == "alice"
+        assert len(db.session.identity_map) == 0
 
 
 def test_nav_offers_login_and_register_when_anonymous(client: FlaskClient) -> None:
