@@ -104,8 +104,9 @@ DEFAULTS: dict[str, Any] = {
     # it is back. 0: no breaker.
     "DATABASE_BREAKER_THRESHOLD": 3,
     "DATABASE_BREAKER_RESET": 1.0,
-    # Threads of a process that may wait on the database at once (0: no cap); a slot is
-    # held from a connect or a statement until its answer. A request over the cap waits
+    # Threads of a process that may use the database at once (0: no cap); a slot is held
+    # from a unit of work's start until its connection goes back (a GET reading in
+    # autocommit: until each answer). A request over the cap waits
     # for a slot (at most DATABASE_POOL_TIMEOUT), but gets a 503 at once when every
     # holder has waited DATABASE_BULKHEAD_TIMEOUT seconds or more (it is stuck). gunicorn.conf.py sets it to GUNICORN_THREADS - 1,
     # so that a thread is always free for /healthz. Not on SQLite: no network to hang

@@ -4,12 +4,11 @@
    sessionmaker, and installs the features those settings switch on (``features``).
 2. The first use of ``db.session`` in an app context makes that context's session,
    bound for reading only if the request promises not to write, and runs each
-   feature's opener (the breaker, the replicas).
+   feature's opener (the bulkhead's slot, the breaker, the replicas).
 3. Work ends with an explicit commit (``db.transaction()``), or, with
    ``DATABASE_COMMIT_ON_SUCCESS``, one made for a request that wrote and succeeded.
 4. ``teardown_appcontext`` removes the session, whether the view returned or raised:
-   the uncommitted is rolled back (and reported), the connection goes back (and a
-   bulkhead slot, should a wait have ended without its event).
+   the uncommitted is rolled back (and reported), the connection and the slot go back.
    If that teardown never runs, the session is closed when its context is freed.
 
 The ``db`` methods of one feature live with it: ``units``, ``replication``,
