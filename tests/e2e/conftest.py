@@ -3,7 +3,8 @@ Playwright with a fresh profile per test, and a full-page screenshot of every fa
 
 Without ``/usr/bin/chromium`` (or Playwright) the browser tests skip with one line;
 under ``CI`` they fail instead, so CI can never pass without having run them. The same
-goes for the Nu HTML Checker (Java and npm's vnu.jar) of the HTML validity tests.
+goes for the Nu HTML Checker (Java and npm's vnu.jar) of the HTML validity tests and
+for axe-core (npm's axe-core) of the accessibility tests.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flask import Flask
 from tests.support.databases import Backend
 from tests.support.gunicorn import Server, start_gunicorn, stop_gunicorn
 
+from .accessibility import Axe, find_axe
 from .html_checker import Checker, find_checker
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -78,6 +80,15 @@ def html_checker() -> Checker:
     found = find_checker()
     if isinstance(found, str):
         _skip_or_fail_in_ci(found, "HTML validity tests")
+    return found
+
+
+@pytest.fixture(scope="session")
+def axe() -> Axe:
+    """axe-core's script, read once per session."""
+    found = find_axe()
+    if isinstance(found, str):
+        _skip_or_fail_in_ci(found, "accessibility tests")
     return found
 
 
