@@ -37,7 +37,7 @@ from sqlalchemy.engine import URL, make_url
 
 from bench import loadgen
 from bench.run import (
-    DATABASE, ROOT, SECRET_KEY, THREADS, WORKERS, Results, Server, log, measure, migrate_and_seed, postgres_server,
+    DATABASE, ROOT, SECRET_KEY, THREADS, WORKERS, Results, Server, log, measure_interleaved, migrate_and_seed, postgres_server,
     reachable, start_server, stop_server, throwaway_database, traceback_notes,
 )
 
@@ -137,10 +137,7 @@ def compare(url: URL, max_post_id: int, folder: Path, command: str, revision: st
                 loadgen.run(server.url, route, 1, 8)
             for server in servers:
                 imported[server.name] = checked_imports(server, roots[server.name])
-            for repeat in range(repeats):
-                shift = repeat % len(servers)
-                for server in servers[shift:] + servers[:shift]:
-                    measure(measured, "postgresql", server, route, repeat, seconds)
+            measure_interleaved(measured, "postgresql", servers, route, repeats, seconds)
         finally:
             for server in servers:
                 stop_server(server)

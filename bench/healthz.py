@@ -38,7 +38,7 @@ from bench import loadgen
 from bench.baseline import environment, extract, served_from
 from bench.report import per_repeat_ratios
 from bench.run import (
-    ROOT, SECRET_KEY, Results, Server, log, measure, postgres_server, start_server, stop_server,
+    ROOT, SECRET_KEY, Results, Server, log, measure_interleaved, postgres_server, start_server, stop_server,
 )
 
 PEER = "bare-flask"
@@ -110,10 +110,7 @@ def run_served(repeats: int, seconds: float, base: Path | None) -> None:
             check_trees(servers, base)
             for server in servers:
                 loadgen.run(server.url, ROUTE, 1, 8)  # warm up
-            for repeat in range(repeats):
-                shift = repeat % len(servers)
-                for server in servers[shift:] + servers[:shift]:
-                    measure(results, "postgresql", server, ROUTE, repeat, seconds)
+            measure_interleaved(results, "postgresql", servers, ROUTE, repeats, seconds)
         finally:
             for server in servers:
                 stop_server(server)

@@ -27,7 +27,6 @@ import platform
 import secrets
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -319,6 +318,17 @@ def measure(results: Results, backend: str, server: Server, route: loadgen.Route
     log(f"{backend:10} {server.name:17} {route.name:7} #{repeat}: {sample.rps:7.0f} req/s  "
         f"p50 {sample.p50_ms:6.2f} ms  p99 {sample.p99_ms:6.2f} ms  errors {sample.errors}  "
         f"worker CPU {results.cells[-1]['cpu_us_per_request']} µs/request")
+
+
+def measure_interleaved(
+    results: Results, backend: str, servers: list[Server], route: loadgen.Route, repeats: int, seconds: float
+) -> None:
+    """``repeats`` turns of one route on every server, the order rotating each turn, so
+    that a slow moment of the machine falls on each of them alike."""
+    for repeat in range(repeats):
+        shift = repeat % len(servers)
+        for server in servers[shift:] + servers[:shift]:
+            measure(results, backend, server, route, repeat, seconds)
 
 
 def routes_for(seeded: Seeded) -> dict[str, loadgen.Route]:

@@ -10,6 +10,7 @@ and ``POSTS_PER_PAGE``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +52,14 @@ class Page:
     @property
     def has_prev(self) -> bool:
         return self.number > 1
+
+    @classmethod
+    def of_rows(cls, rows: list[Any], number: int, per_page: int, build: Callable[[Any], Any]) -> Page:
+        """A page from a query that asked for one row more than a page (the raw peers'
+        way of knowing there is a next page); an empty page past the first is a 404."""
+        if not rows and number > 1:
+            abort(404)
+        return cls([build(row) for row in rows[:per_page]], number, has_next=len(rows) > per_page)
 
 
 @dataclass

@@ -86,14 +86,8 @@ def load_logged_in_user() -> None:
 @posts.get("/")
 def index() -> str:
     number, per_page = page_number(), app.config["POSTS_PER_PAGE"]
-    rows = fetch(
-        _PAGE_QUERY,
-        (per_page + 1, (number - 1) * per_page),
-    )
-    if not rows and number > 1:
-        abort(404)
-    page = Page([post_from_row(row) for row in rows[:per_page]], number, has_next=len(rows) > per_page)
-    return render_template("posts/index.html", page=page)
+    rows = fetch(_PAGE_QUERY, (per_page + 1, (number - 1) * per_page))
+    return render_template("posts/index.html", page=Page.of_rows(rows, number, per_page, post_from_row))
 
 
 @posts.get("/posts/<int:post_id>")

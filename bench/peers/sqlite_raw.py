@@ -80,14 +80,8 @@ def load_logged_in_user() -> None:
 @posts.get("/")
 def index() -> str:
     number, per_page = page_number(), app.config["POSTS_PER_PAGE"]
-    rows = connection().execute(
-        _PAGE_QUERY,
-        (per_page + 1, (number - 1) * per_page),
-    ).fetchall()
-    if not rows and number > 1:
-        abort(404)
-    page = Page([_post(row) for row in rows[:per_page]], number, has_next=len(rows) > per_page)
-    return render_template("posts/index.html", page=page)
+    rows = connection().execute(_PAGE_QUERY, (per_page + 1, (number - 1) * per_page)).fetchall()
+    return render_template("posts/index.html", page=Page.of_rows(rows, number, per_page, _post))
 
 
 @posts.get("/posts/<int:post_id>")
