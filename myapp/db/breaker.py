@@ -4,9 +4,10 @@ When the database stops answering, each request that needs it waits out a timeou
 and once every thread of a worker waits, nothing is left to answer ``/healthz``: a
 load balancer then declares the whole site dead. So:
 
-- the **bulkhead** caps how many threads may wait on the database at once; a request
-  over the cap waits a moment for a slot, then gets a 503, and a thread stays free for
-  requests that need no database;
+- the **bulkhead** caps how many threads may use the database at once (a unit of work
+  holds its slot until its connection goes back, a read in autocommit until its
+  answer); a request over the cap waits a moment for a slot, then gets a 503, and a
+  thread stays free for requests that need no database;
 - the **breaker** counts failures to answer (connect attempts and statements that waited
   at least ``SLOW_FAILURE_SECONDS`` and then failed: timeouts, lost connections) in a
   row; past the threshold it *opens*: requests that need the database
@@ -14,9 +15,10 @@ load balancer then declares the whole site dead. So:
   probes the database with a fresh connection. Its success closes the breaker; its
   failure keeps it open for another period.
 
-``Guards`` is the feature: it asks the breaker when a context's session is born, and
-the engine's events take and give back the bulkhead's slots around each wait and
-report each statement's outcome. ``HealthMethods`` gives ``db`` its ping and breaker status.
+``Guards`` is the feature: a context's session is admitted to the bulkhead and asks the
+breaker when it is born (the slot first: a probe waits on the database too); each later
+unit of work is admitted as it begins, and the engine's events give the slot back and
+report each wait and each statement's outcome. ``HealthMethods`` gives ``db`` its ping and breaker status.
 """
 
 from __future__ import annotations
