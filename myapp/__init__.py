@@ -16,12 +16,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     config.load_config(app, test_config)
 
-    from . import auth, cli, errors, health, login_limits, posts, security
+    from . import auth, cli, errors, health, login_limits, observability, posts, security
     from .db import db
 
     # First: the after_request hook registered first runs last, after any that replaces
     # the response (Flask runs them in reverse order).
     security.init_headers(app)
+    # Next: its before_request hook runs first, its after_request hook sees the final response.
+    observability.init_app(app)
     db.init_app(app)
     auth.init_app(app)
     errors.init_app(app)

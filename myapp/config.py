@@ -68,6 +68,9 @@ ENVIRONMENT_SETTINGS: dict[str, Callable[[str], Any]] = {
     "RATELIMIT_STORAGE_URI": str,
     "LOGIN_RATE_LIMIT": str,
     "LOGIN_RATE_LIMIT_PER_ADDRESS": str,
+    "METRICS": _as_bool,
+    "REQUEST_LOG": _as_bool,
+    "LOG_FORMAT": str,
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -162,6 +165,15 @@ DEFAULTS: dict[str, Any] = {
     "RATELIMIT_STORAGE_URI": "myapp-db://",  # the app's own database, shared by workers
     "LOGIN_RATE_LIMIT": "5 per minute",
     "LOGIN_RATE_LIMIT_PER_ADDRESS": "30 per minute",
+    # Prometheus metrics (README, "Operating it"). Recorded in each process; under
+    # gunicorn the master sums the workers' and serves them on METRICS_BIND (a setting
+    # of myapp.gunicorn_conf, 127.0.0.1:9200 by default), never on the public port.
+    "METRICS": True,
+    # One line per request on the "myapp.request" logger (stderr): method, path,
+    # endpoint, status, duration, statements, database time, where reads went, request
+    # id. Under gunicorn it takes the place of gunicorn's own access log.
+    "REQUEST_LOG": True,
+    "LOG_FORMAT": "text",  # or "json", one object per line, for log shippers
 }
 
 _WEAK_SECRET_KEYS = {"dev", "secret", "changeme", "change-me"}
@@ -176,6 +188,7 @@ def load_config(app: Flask, test_config: Mapping[str, Any] | None) -> None:
         app.config.from_mapping(test_config)
     _check_secret_key(app)
     _check_rate_limits(app)
+    _check_log_format(app)
 
 
 def check_settings() -> None:
@@ -235,6 +248,11 @@ def _check_secret_key(app: Flask) -> None:
             "SECRET_KEY must be set to a random value of at least 32 characters "
             '(python -c "import secrets; print(secrets.token_hex(32))"), in .env or the environment.'
         )
+
+
+def _check_log_format(app: Flask) -> None:
+    if app.config["LOG_FORMAT"] not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT is invalid: {app.config['LOG_FORMAT']!r}; use text or json.")
 
 
 def _check_rate_limits(app: Flask) -> None:

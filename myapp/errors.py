@@ -8,6 +8,7 @@ from flask import Flask, render_template
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
+from . import observability
 from .db import db
 from .db.errors import DatabaseUnavailable, describe_error, unavailable_reason
 from .db.routing import ReplicaWriteError
@@ -45,6 +46,11 @@ _UNAVAILABLE_MESSAGES = {
 }
 
 
+# The 503 metric's cause for each reason a failure gives (the breaker's and the
+# bulkhead's refusals are counted where they are rendered).
+_CAUSES = {"unreachable": "unreachable", "busy": "pool_timeout", "statement timeout": "statement_timeout"}
+
+
 def init_app(app: Flask) -> None:
     app.register_error_handler(HTTPException, render_http_error)
     app.register_error_handler(sa_exc.DBAPIError, render_database_error)
@@ -61,7 +67,9 @@ def error_page(code: int, description: str | None = None) -> str:
     """
     db.rollback()
     title, message = _MESSAGES.get(code, (str(code), ""))
-    return render_template("error.html", code=code, title=title, message=description or message)
+    request_id = observability.request_id() if code >= 500 else None
+    return render_template("error.html", code=code, title=title, message=description or message,
+                           request_id=request_id)
 
 
 def render_http_error(error: HTTPException) -> tuple[str, int, list[tuple[str, str]]]:
@@ -83,6 +91,8 @@ def render_database_error(error: sa_exc.SQLAlchemyError) -> tuple[str, int, dict
         log.error("database error: %s", describe_error(error), exc_info=error)
         return error_page(500), 500
     log.warning("database unavailable (%s): %s", reason, describe_error(error))
+    read_only = getattr(getattr(error, "orig", None), "sqlstate", None) == "25006"  # a demoted primary
+    observability.count_unavailable("read_only" if read_only else _CAUSES[reason])
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     return error_page(503, _UNAVAILABLE_MESSAGES[reason]), 503, headers
 
@@ -91,6 +101,7 @@ def render_database_refused(error: DatabaseUnavailable) -> tuple[str, int, dict[
     """The breaker is open or every database slot is busy: the request never reached the
     database, so a 503 at once, saying when to come back."""
     log.warning("database request refused (%s): %s", error.reason, error)
+    observability.count_unavailable("breaker" if error.reason == "unreachable" else "bulkhead")
     return error_page(503, _UNAVAILABLE_MESSAGES[error.reason]), 503, {"Retry-After": str(error.retry_after)}
 
 
@@ -107,4 +118,5 @@ def render_replica_write(error: ReplicaWriteError) -> tuple[str, int]:
     it; not a 500 page, which would say something broke half-way. The log line is an
     ERROR with the traceback: it is a bug to fix."""
     log.error("write refused in a read-replica session: %s", error, exc_info=error)
+    observability.count_unavailable("read_only")
     return error_page(503, _READ_ONLY_MESSAGE), 503

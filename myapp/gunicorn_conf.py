@@ -12,6 +12,7 @@ The top-level ``gunicorn.conf.py`` of a checkout imports these settings.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -31,8 +32,20 @@ threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 os.environ.setdefault("DATABASE_BULKHEAD", str(max(1, threads - 1)))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 20
-accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
+# The app's own line per request (REQUEST_LOG, on by default) carries what gunicorn's
+# access log does and more: gunicorn's stays off unless asked for.
+_app_logs_requests = os.environ.get("REQUEST_LOG", "true").lower() not in ("0", "false", "no", "off")
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG", None if _app_logs_requests else "-")
 preload_app = os.environ.get("GUNICORN_PRELOAD", "").lower() in ("1", "true", "yes")
+
+# Prometheus metrics of every worker, summed, served by the master on their own port
+# (README, "Operating it"); "" turns the exporter off. The folder must be named before
+# any worker imports prometheus_client, so here, while the master reads its settings.
+metrics_bind = os.environ.get("METRICS_BIND", "127.0.0.1:9200")
+if metrics_bind:
+    from myapp.exporter import name_folder
+
+    metrics_folder, _made_metrics_folder = name_folder()
 
 
 def on_starting(server: Any) -> None:
@@ -44,6 +57,36 @@ def on_starting(server: Any) -> None:
         check_settings()
     except ConfigError as error:
         raise SystemExit(f"Error: {error.format_message()}") from None
+    if metrics_bind:
+        from myapp.exporter import empty_folder, parse_bind
+
+        try:
+            parse_bind(metrics_bind)
+        except ValueError as error:
+            raise SystemExit(f"Error: {error}") from None
+        empty_folder(metrics_folder)
+
+
+def when_ready(server: Any) -> None:
+    if metrics_bind:
+        from myapp.exporter import serve
+
+        try:
+            serve(metrics_bind)
+        except OSError as error:  # the port is taken: the site itself can still serve
+            server.log.error("metrics not served on %s: %s", metrics_bind, error)
+
+
+def on_exit(server: Any) -> None:
+    if metrics_bind and _made_metrics_folder:
+        shutil.rmtree(metrics_folder, ignore_errors=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    if metrics_bind:
+        from myapp.exporter import forget_worker
+
+        forget_worker(worker.pid)
 
 
 def post_fork(server: Any, worker: Any) -> None:

@@ -375,7 +375,8 @@ def limited_server(request: pytest.FixtureRequest, app: Flask, backend: Backend,
         # threads - 1) would answer one of them 503: counted neither way, it blurs the
         # limit being measured. The bulkhead has tests of its own.
         DATABASE_BULKHEAD="0",
-        # The worker's pid in the access log shows which worker answered.
+        # The worker's pid in gunicorn's access log shows which worker answered.
+        GUNICORN_ACCESS_LOG="-",
         GUNICORN_CMD_ARGS="--access-logformat 'pid=%(p)s %(m)s %(U)s %(s)s'",
     )
     try:

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from .bulkhead import Bulkhead
 from .errors import DatabaseUnavailable, describe_error
+from .metrics import BREAKER_OPEN, BREAKER_OPENS
 from .session import AUTOCOMMIT_KEY, AppSession, state_of
 from .state import AppState, StateAccess
 
@@ -58,7 +59,8 @@ SLOW_FAILURE_SECONDS = 0.5
 class Breaker:
     """Closed, open or probing; thread-safe; a closed breaker costs one attribute read."""
 
-    def __init__(self, threshold: int, reset_seconds: float, probe: Callable[[], Any]) -> None:
+    def __init__(self, threshold: int, reset_seconds: float, probe: Callable[[], Any],
+                 server: str = "primary") -> None:
         self.threshold = threshold
         self.reset_seconds = reset_seconds
         self.slow_seconds = SLOW_FAILURE_SECONDS
@@ -68,6 +70,9 @@ class Breaker:
         self.failures = 0
         self.last_error = ""
         self.opened_at = 0.0
+        self._open_gauge = BREAKER_OPEN.labels(server)
+        self._opens = BREAKER_OPENS.labels(server)
+        self._open_gauge.set(0)  # the series exists from the start: an alert sees it at 0
 
     def check(self) -> None:
         """Return if the database may be used; raise DatabaseUnavailable if not.
@@ -108,6 +113,8 @@ class Breaker:
             if self.state != "closed" or self.failures < self.threshold:
                 return
             self.state, self.opened_at = "open", time.monotonic()
+        self._open_gauge.set(1)
+        self._opens.inc()
         log.warning(
             "database circuit open after %d failures in a row (last: %s): requests get a 503 "
             "for %.1f s, then one probe", self.failures, self.last_error, self.reset_seconds,
@@ -121,6 +128,7 @@ class Breaker:
         with self._lock:
             was, self.state, self.failures = self.state, "closed", 0
         if was != "closed":
+            self._open_gauge.set(0)
             log.warning("database circuit closed: %s", why)
 
     def _refusal(self, retry_after: float) -> DatabaseUnavailable:

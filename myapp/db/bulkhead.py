@@ -9,6 +9,7 @@ import time
 
 from .config import BulkheadSettings
 from .errors import DatabaseUnavailable
+from .metrics import BULKHEAD_REFUSALS
 
 
 class _Holder:
@@ -92,6 +93,7 @@ class Bulkhead:
         while len(self._held) >= self.limit:
             now = time.monotonic()
             if self._all_stuck(now) or now >= deadline:
+                BULKHEAD_REFUSALS.inc()
                 raise DatabaseUnavailable("busy", f"all {self.limit} database slots of this worker stayed busy", 1)
             self._changed.wait(min(0.05, deadline - now))
 

@@ -87,6 +87,7 @@ class DatabaseSettings:
     read_only_autocommit: bool  # PostgreSQL, and a statement timeout that needs no SET LOCAL
     slow_query_ms: float  # 0: off
     query_budget: int  # 0: off (it only runs in debug and tests)
+    metrics: bool  # the hot path's Prometheus metrics (db.metrics)
     breaker: BreakerSettings | None
     bulkhead: BulkheadSettings | None
     replicas: ReplicaSettings | None
@@ -121,6 +122,7 @@ class DatabaseSettings:
             and not (pgbouncer and statement_timeout_ms),
             slow_query_ms=float(config["DATABASE_SLOW_QUERY_MS"] or 0),
             query_budget=int(config["DATABASE_QUERY_BUDGET"] or 0) if debug or testing else 0,
+            metrics=bool(config.get("METRICS", True)),
             breaker=_breaker(config), bulkhead=_bulkhead(config, url),
             replicas=_replicas(config, url, debug), galera=galera,
         )

@@ -18,6 +18,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool, StaticPool
 
 from .config import DatabaseSettings, is_memory
+from .metrics import MeasuredPool
 
 # The execution option of a session's bind whose request promises not to write.
 READ_ONLY = "myapp_read_only"
@@ -59,8 +60,8 @@ def _pool_options(settings: DatabaseSettings, url: URL, probe: bool) -> dict[str
     if probe:
         return {"poolclass": NullPool}
     pool = settings.pool
-    return {"pool_size": pool.size, "max_overflow": pool.max_overflow, "pool_timeout": pool.timeout,
-            "pool_recycle": pool.recycle}
+    return {"poolclass": MeasuredPool, "pool_size": pool.size, "max_overflow": pool.max_overflow,
+            "pool_timeout": pool.timeout, "pool_recycle": pool.recycle}
 
 
 def _sqlite_connect_args(settings: DatabaseSettings, url: URL) -> dict[str, Any]:

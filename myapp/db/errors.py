@@ -60,6 +60,18 @@ def is_retryable(error: BaseException) -> bool:
     )
 
 
+def retry_reason(error: BaseException) -> str:
+    """What a retryable failure was, for the retries metric: ``serialization``,
+    ``deadlock``, ``certification`` (a Galera conflict, reported as MariaDB's deadlock)
+    or ``locked`` (SQLite)."""
+    sqlstate, code = _driver_code(error)
+    if sqlstate == "40001":
+        return "serialization"
+    if code in _RETRYABLE_MYSQL_CODES and "wsrep" in str(getattr(error, "orig", "")).lower():
+        return "certification"
+    return "deadlock" if sqlstate == "40P01" or code in _RETRYABLE_MYSQL_CODES else "locked"
+
+
 def unavailable_reason(error: BaseException) -> Unavailable | None:
     """Why the database could not serve the request, or None if it is not a matter of
     availability (a bug, a constraint): "busy" (no free pooled connection within the

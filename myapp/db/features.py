@@ -17,6 +17,7 @@ from .breaker import Guards
 from .config import DatabaseSettings
 from .galera import Galera
 from .instrumentation import QueryBudget, SlowQueryLog
+from .metrics import Metrics
 from .replication import Replicas
 from .state import AppState
 from .tracking import WriteTracking
@@ -37,6 +38,7 @@ FEATURES: tuple[Callable[[DatabaseSettings], Feature | None], ...] = (
     Guards.build,  # DATABASE_BREAKER_THRESHOLD, DATABASE_BULKHEAD
     SlowQueryLog.build,  # DATABASE_SLOW_QUERY_MS
     QueryBudget.build,  # DATABASE_QUERY_BUDGET, in debug and tests
+    Metrics.build,  # METRICS: statement latency, pool use, connections by host
 )
 
 

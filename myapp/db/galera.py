@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, event, exc
 
 from .config import GaleraSettings
+from .metrics import GALERA_CLUSTER_SIZE, GALERA_NODE_STATE
 from .state import AppState, StateAccess
 
 if TYPE_CHECKING:
@@ -43,7 +44,8 @@ _JUST_CHECKED = "galera_just_checked"  # connection record info: checked at conn
 
 _STATE_QUERY = (
     "SHOW GLOBAL STATUS WHERE Variable_name IN "
-    "('wsrep_ready', 'wsrep_cluster_status', 'wsrep_local_state_comment', 'wsrep_cluster_size')"
+    "('wsrep_ready', 'wsrep_cluster_status', 'wsrep_local_state', 'wsrep_local_state_comment', "
+    "'wsrep_cluster_size')"
 )
 
 
@@ -114,9 +116,10 @@ class _NodeChooser:
             except dbapi.Error as error:
                 last_error = error
                 refusals.append(f"{host}:{port} {error.args[-1] if error.args else error}")
+                GALERA_NODE_STATE.labels(f"{host}:{port}").set(0)
                 continue
             try:
-                refusal = self._refusal(connection)
+                refusal = self._refusal(connection, f"{host}:{port}")
             except dbapi.Error as error:
                 last_error, refusal = error, str(error)
             except BaseException:
@@ -132,9 +135,10 @@ class _NodeChooser:
         code = NODE_NOT_READY if last_error is None else (last_error.args or (2003,))[0]
         raise dbapi.OperationalError(code, "no Galera node is ready: " + "; ".join(refusals))
 
-    def _refusal(self, connection: Any) -> str | None:
+    def _refusal(self, connection: Any, node: str) -> str | None:
         """Why this node will not do (None: it is ready, and set up for causal reads)."""
         state = node_state(connection)
+        _record(node, state)
         if not is_ready(state):
             return describe(state)
         if self.settings.sync_wait:
@@ -142,6 +146,12 @@ class _NodeChooser:
             cursor.execute(f"SET SESSION wsrep_sync_wait = {int(self.settings.sync_wait)}")
             cursor.close()
         return None
+
+
+def _record(node: str, state: dict[str, str]) -> None:
+    """The node's state in the metrics: what this worker's new connection found there."""
+    GALERA_NODE_STATE.labels(node).set(int(state.get("wsrep_local_state") or 0) if is_ready(state) else 0)
+    GALERA_CLUSTER_SIZE.set(int(state.get("wsrep_cluster_size") or 0))
 
 
 def _check_readiness_at_checkout(engine: Engine) -> None:

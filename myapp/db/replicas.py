@@ -35,6 +35,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from .engines import CHECK_STATEMENT_TIMEOUT_MS
 from .errors import describe_error
+from .metrics import REPLICA_IN_ROTATION, REPLICA_LAG_BYTES, REPLICA_LAG_SECONDS
 
 log = logging.getLogger("myapp.db.replicas")
 
@@ -79,6 +80,11 @@ class Replica:
     def name(self) -> str:
         return f"replica {self.number}"
 
+    @property
+    def label(self) -> str:
+        """The replica's label value in the metrics."""
+        return f"replica_{self.number}"
+
     def ask_replay_lsn(self, connection: Connection) -> int | None:
         """The replica's replay position now, asked on ``connection`` (one of its own)."""
         value = connection.exec_driver_sql(REPLAY_LSN_SQL).scalar()
@@ -113,6 +119,8 @@ class ReplicaSet:
     _changing: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
+        for replica in self.replicas:  # the series exist from the start: an alert sees them
+            REPLICA_IN_ROTATION.labels(replica.label).set(0)
         _all_sets.add(self)
         _register_fork_hook()
 
@@ -233,6 +241,8 @@ class ReplicaSet:
             return
         self._note_replay(replica, int(replay_lsn), now)
         replica.lag_bytes, replica.lag_seconds = self._lag(replica.replay_lsn, now)
+        REPLICA_LAG_BYTES.labels(replica.label).set(replica.lag_bytes)
+        REPLICA_LAG_SECONDS.labels(replica.label).set(replica.lag_seconds)
         too_far = []
         if self.max_lag_bytes is not None and replica.lag_bytes > self.max_lag_bytes:
             too_far.append(f"{replica.lag_bytes} bytes behind (limit {self.max_lag_bytes})")
@@ -265,6 +275,7 @@ class ReplicaSet:
             replica.state, replica.reason = state, reason or replica.reason
         if was == state:
             return
+        REPLICA_IN_ROTATION.labels(replica.label).set(1 if state == "healthy" else 0)
         if state == "healthy":
             log.warning("replica %s %s (%d bytes, %.1f s behind)", replica.url,
                         "joined" if was == "unknown" else "rejoined", replica.lag_bytes or 0, replica.lag_seconds or 0.0)

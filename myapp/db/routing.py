@@ -28,6 +28,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from .engines import READ_ONLY
 from .errors import describe_error
+from .metrics import count_read
 from .replicas import Replica, ReplicaSet
 from .session import require_transaction, state_of
 from .statements import classify
@@ -158,6 +159,18 @@ def _replica_for(session: Session, reads: ReplicaReads) -> Replica | None:
     return reads.replica
 
 
+def _why_primary(session: Session, reads: ReplicaReads) -> str:
+    """Why a read of a read-only request went to the primary (the reads metric's reason)."""
+    state = state_of(session)
+    if state.transactional or state.wrote:
+        return "write_unit"
+    if state.primary_only:
+        return "use_primary"
+    if reads.required_lsn is not None and any(replica.state == "healthy" for replica in reads.replicas.replicas):
+        return "sticky"
+    return "no_healthy_replica"
+
+
 def _ask_replay_lsn(session: Session, replica: Replica) -> int | None:
     state_of(session).reads.replica = replica  # for _mark_down, should the question fail
     return replica.ask_replay_lsn(session.connection(bind_arguments={"bind": replica.engine}))
@@ -203,7 +216,11 @@ def _read_from_a_replica(orm_state: ORMExecuteState) -> Result[Any] | None:
             _replica_failed(session, reads, replica, error)
         else:
             reads.note(replica.name)
+            count_read(replica.label, "replica")
             return result
+        count_read("primary", "replica_failed" if reads.replica is None else "write_unit")
+    else:
+        count_read("primary", _why_primary(session, reads))
     reads.note("primary")
     return None
 

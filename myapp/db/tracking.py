@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, event, inspect
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
+from .metrics import LOST_WRITES
 from .session import SessionState, state_of
 from .state import CONNECTION_KEY, AppState
 from .statements import classify
@@ -54,6 +55,7 @@ def report_lost(session: Session, lost: list[str], raise_it: bool) -> None:
         f"{state_of(session).origin} ended with uncommitted changes ({', '.join(lost)}); they were "
         "rolled back. Commit them (with db.transaction()) or roll back explicitly."
     )
+    LOST_WRITES.inc()
     if raise_it:
         raise LostWriteError(message)
     log.warning(message)

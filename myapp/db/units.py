@@ -17,7 +17,8 @@ from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
-from .errors import describe_error, is_retryable
+from .errors import describe_error, is_retryable, retry_reason
+from .metrics import RETRIES, UNITS_GIVEN_UP
 from .session import AppSession, require_transaction, state_of
 from .state import StateAccess
 from .tracking import has_writes
@@ -94,7 +95,12 @@ def retrying(
                     if not is_retryable(error):
                         raise
                     _before_retry(session, unit.__name__, error, attempt, backoff)
-            return unit(*args, **kwargs)
+            try:
+                return unit(*args, **kwargs)
+            except DBAPIError as error:
+                if is_retryable(error):
+                    UNITS_GIVEN_UP.inc()
+                raise
 
         return run
 
@@ -118,6 +124,7 @@ def _check_retry_is_whole(session: Session, name: str) -> None:
 
 def _before_retry(session: Session, name: str, error: DBAPIError, attempt: int, backoff: float) -> None:
     session.rollback()
+    RETRIES.labels(retry_reason(error)).inc()
     log.info("retrying %s after %s (attempt %d)", name, describe_error(error), attempt)
     time.sleep(random.uniform(0, backoff * 2 ** (attempt - 1)))
 

@@ -19,10 +19,11 @@ GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 
 class Server:
-    """A running gunicorn: its process, its base URL and the file it logs to."""
+    """A running gunicorn: its process, its base URL, the file it logs to, and the
+    master's metrics address (empty when the test turned the exporter off)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-        self.process, self.url, self.log = process, url, log
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path, metrics_url: str = "") -> None:
+        self.process, self.url, self.log, self.metrics_url = process, url, log, metrics_url
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -33,6 +34,8 @@ def start_gunicorn(database_url: str, tmp_path: Path, app: str = "wsgi:app", **e
     serves its test-only apps this way) and wait until it answers."""
     port = free_port()
     log = tmp_path / f"gunicorn-{port}.log"
+    # Servers run side by side: each master serves its metrics on a port of its own.
+    env.setdefault("METRICS_BIND", f"127.0.0.1:{free_port()}")
     environment = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -51,7 +54,8 @@ def start_gunicorn(database_url: str, tmp_path: Path, app: str = "wsgi:app", **e
             cwd=ROOT, env=environment, stdout=sink, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-    server = Server(process, f"http://127.0.0.1:{port}", log)
+    metrics_bind = environment["METRICS_BIND"]
+    server = Server(process, f"http://127.0.0.1:{port}", log, f"http://{metrics_bind}/metrics" if metrics_bind else "")
     try:
         wait_until_serving(server)
     except BaseException:
