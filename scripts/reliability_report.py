@@ -11,6 +11,10 @@ file, each figure lands there as one JSON line. This script sets it, runs
 injected, the figure, its goal, met or not) and a bar chart, so the document is
 produced by a command and never typed by hand. The exit status is non-zero when a
 test failed or a figure missed its goal.
+
+A test that ran a Prometheus server also records the series it scraped (breaker state,
+503 rate, replica lag...) beside the figures, in ``<figures stem>.series.jsonl``; they
+are drawn over time in docs/reliability-prometheus.png (see ``draw_series_chart``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "reliability.md"
 CHART = ROOT / "docs" / "reliability.png"
+SERIES_CHART = ROOT / "docs" / "reliability-prometheus.png"
+SERIES_SUFFIX = ".series.jsonl"  # as tests/faults/figures.py names the file beside the figures
 # The servers .ci/run and the README use, unless the environment names others.
 DEFAULT_SERVERS = {
     "TEST_POSTGRES_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/test",
@@ -102,6 +108,11 @@ def read_figures(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def read_series(figures: Path) -> list[dict[str, Any]]:
+    """The Prometheus recordings saved beside a figures file (none when no test made one)."""
+    return read_figures(figures.with_suffix(SERIES_SUFFIX))
+
+
 def _scenario_key(entry: dict[str, Any]) -> tuple[int, str, str]:
     match = re.match(r"(\d+)", entry["scenario"])
     return (int(match.group(1)) if match else 999, entry["scenario"], entry["backend"])
@@ -117,7 +128,7 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|")
 
 
-def write_doc(figures: list[dict[str, Any]], run: Run | None, chart: bool) -> None:
+def write_doc(figures: list[dict[str, Any]], run: Run | None, chart: bool, series_chart: bool = False) -> None:
     figures = sorted(figures, key=_scenario_key)
     missed = [f for f in figures if not f["met"]]
     lines = [
@@ -148,6 +159,10 @@ def write_doc(figures: list[dict[str, Any]], run: Run | None, chart: bool) -> No
     ]
     if chart:
         lines += [f"![figures of the fault suite]({CHART.name})", ""]
+    if series_chart:
+        lines += ["Series that a Prometheus server of the fault suite scraped from gunicorn every second,",
+                  "over the faults the test injected (dashed lines):", "",
+                  f"![series scraped by Prometheus]({SERIES_CHART.name})", ""]
     lines += [
         "| scenario | backend | injected | figure | value | goal | met |",
         "|---|---|---|---|--:|---|---|",
@@ -173,9 +188,8 @@ def _group(entry: dict[str, Any]) -> str:
     return f"{name} · {entry['backend']}"
 
 
-def draw_chart(figures: list[dict[str, Any]]) -> bool:
-    """One bar per scenario number and backend: how many of its figures (negative
-    controls included) met their goal, in green, and how many missed, in red."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend, or None (with a note) when it is not installed."""
     try:
         import matplotlib
 
@@ -183,8 +197,15 @@ def draw_chart(figures: list[dict[str, Any]]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("reliability: matplotlib is not installed (pip install -e '.[bench]'); no chart", file=sys.stderr)
-        return False
-    if not figures:
+        return None
+    return plt
+
+
+def draw_chart(figures: list[dict[str, Any]]) -> bool:
+    """One bar per scenario number and backend: how many of its figures (negative
+    controls included) met their goal, in green, and how many missed, in red."""
+    plt = _pyplot()
+    if plt is None or not figures:
         return False
     groups: dict[tuple[int, str], list[int]] = {}
     names: dict[tuple[int, str], str] = {}
@@ -213,6 +234,70 @@ def draw_chart(figures: list[dict[str, Any]]) -> bool:
     return True
 
 
+def _legend_name(labels: dict[str, str]) -> str:
+    """A series' labels without the ones every series of a run shares."""
+    shown = {name: value for name, value in labels.items() if name not in ("job", "instance", "__name__")}
+    return ", ".join(f"{name}={value}" for name, value in sorted(shown.items())) or "all"
+
+
+def draw_series_chart(recordings: list[dict[str, Any]], path: Path = SERIES_CHART) -> bool:
+    """Draw Prometheus series over time: one column per recording, one row per panel title.
+
+    A recording is one line of ``<figures stem>.series.jsonl``, written by
+    ``tests.faults.figures.record_series``::
+
+        {"scenario": "18 ...", "backend": "postgresql",
+         "start": 1700000000.0,                       # Unix seconds: t = 0 of the x axis
+         "events": [{"at": 12.0, "label": "link down"}, ...],   # seconds since start
+         "panels": [{"title": "breaker open (workers)", "unit": "", "query": "<PromQL>",
+                     "series": [{"labels": {"server": "primary", ...},
+                                 "points": [[0.0, 0.0], [1.0, 1.0], [2.0, null], ...]}]}],
+         "at": "2024-01-01T00:00:00Z"}
+
+    Point times are seconds since ``start``; a null value (NaN, no sample) is a gap. Events
+    are dashed vertical lines. Returns False, drawing nothing, without recordings or matplotlib.
+    """
+    plt = _pyplot() if recordings else None
+    if plt is None:
+        return False
+    titles = list(dict.fromkeys(panel["title"] for run in recordings for panel in run["panels"]))
+    fig, axes = plt.subplots(len(titles), len(recordings), squeeze=False, sharex="col",
+                             figsize=(5.5 * len(recordings), 2.2 * len(titles) + 0.8))
+    for column, run in enumerate(recordings):
+        axes[0][column].set_title(f"{run['scenario']} · {run['backend']}", fontsize=9)
+        axes[-1][column].set_xlabel("seconds")
+        panels = {panel["title"]: panel for panel in run["panels"]}
+        for row, title in enumerate(titles):
+            _draw_panel(axes[row][column], panels.get(title), title, run["events"], name_events=row == 0)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _draw_panel(ax: Any, panel: dict[str, Any] | None, title: str, events: list[dict[str, Any]],
+                name_events: bool) -> None:
+    """One panel's series as lines (null values as gaps), under the run's events (named
+    on the top row only, so that the labels do not hide the lines of every row)."""
+    ax.set_ylabel(title + (f" ({panel['unit']})" if panel and panel["unit"] else ""), fontsize=8)
+    for event in events:
+        ax.axvline(event["at"], color="#757575", linestyle="--", linewidth=0.8)
+        if name_events:
+            ax.annotate(event["label"], (event["at"], 1), xycoords=("data", "axes fraction"), fontsize=7,
+                        rotation=90, va="top", ha="right", color="#616161")
+    if panel is None:
+        ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", fontsize=8)
+        return
+    for series in panel["series"]:
+        times = [t for t, _ in series["points"]]
+        values = [float("nan") if v is None else v for _, v in series["points"]]
+        ax.plot(times, values, linewidth=1.2, label=_legend_name(series["labels"]))
+    if panel["series"]:
+        ax.legend(fontsize=7, loc="upper right")
+    ax.tick_params(labelsize=8)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from-figures", type=Path, help="redraw from an existing JSONL file, run nothing")
@@ -220,15 +305,15 @@ def main(argv: list[str]) -> int:
     args, extra = parser.parse_known_args(argv)
     run: Run | None = None
     if args.from_figures:
-        figures = read_figures(args.from_figures)
+        figures, series = read_figures(args.from_figures), read_series(args.from_figures)
     else:
         with tempfile.TemporaryDirectory(prefix="myapp-figures-") as folder:
             path = Path(folder) / "figures.jsonl"
             run = run_suite(path, extra)
             if args.soak_requests:
                 run_soaks(path, args.soak_requests)
-            figures = read_figures(path)
-    write_doc(figures, run, chart=draw_chart(figures))
+            figures, series = read_figures(path), read_series(path)
+    write_doc(figures, run, chart=draw_chart(figures), series_chart=draw_series_chart(series))
     missed = sum(not f["met"] for f in figures)
     print(f"reliability: {len(figures)} figures, {missed} missed; wrote {DOC.relative_to(ROOT)}")
     if run is not None and run.exit_code != 0:

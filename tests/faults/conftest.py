@@ -3,7 +3,8 @@
 ``fault_server`` runs a test on a throwaway PostgreSQL and then on a throwaway MariaDB;
 ``fault_db`` gives the test a migrated database of its own on that server. The
 servers start only when a selected test asks for them and are removed at the end of
-the session, whatever happens.
+the session, whatever happens. ``prometheus_server`` is a Prometheus of the test's own
+that scrapes the port it picked for gunicorn's metrics exporter.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import requests
 from sqlalchemy.engine import URL
 
 from tests.support.forms import csrf_token, post_form
+from tests.support.network import free_port
+from tests.support.prometheus import BINARY as PROMETHEUS, Prometheus, prometheus
 from tests.support.servers import MariaDBServer, PostgresServer, ThrowawayServer, throwaway_server
 
 
@@ -48,6 +51,17 @@ def throwaway_postgres() -> Iterator[ThrowawayServer]:
 def throwaway_mariadb() -> Iterator[ThrowawayServer]:
     _require("/usr/*bin/mariadbd")
     with throwaway_server(MariaDBServer) as server:
+        yield server
+
+
+@pytest.fixture
+def prometheus_server() -> Iterator[Prometheus]:
+    """A fresh Prometheus scraping, every second, a free loopback port picked for
+    gunicorn's metrics exporter: start gunicorn with ``METRICS_BIND=`` its ``targets[0]``.
+    ``up`` has a value from the start: 0 until gunicorn listens there. Fresh per test, so
+    that no series of an earlier test is summed in; stopped by its PID after the test."""
+    _require(str(PROMETHEUS))
+    with prometheus([f"127.0.0.1:{free_port()}"]) as server:
         yield server
 
 
