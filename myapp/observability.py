@@ -150,11 +150,15 @@ def _json_line(current: _Request, response: Response, seconds: float) -> str:
     })
 
 
+class _StderrLines(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler this module adds: one per process, found again by its class."""
+
+
 def _ensure_handler() -> None:
     """The lines go to stderr, once per process, whatever the root logger does: under
     gunicorn nothing configures logging, and an INFO line would otherwise be dropped."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(handler, _StderrLines) for handler in log.handlers):
+        handler = _StderrLines(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

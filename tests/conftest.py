@@ -8,7 +8,7 @@ what a test module calls itself is in tests/support/.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -92,6 +92,22 @@ def app(request: pytest.FixtureRequest, backend: Backend, app_config: dict[str, 
     engine.dispose()
     assert checked_out == 0, f"{checked_out} connection(s) still checked out after the test"
     assert not has_app_context(), "an app context leaked out of the test"
+
+
+@pytest.fixture
+def app_factory(backend: Backend) -> Iterator[Callable[..., Flask]]:
+    """Make more apps on the test's backend with other settings (``app_factory(X=1)``);
+    their engines are disposed at the end."""
+    made: list[Flask] = []
+
+    def factory(**overrides: Any) -> Flask:
+        made.append(make_app(backend.url, **overrides))
+        return made[-1]
+
+    yield factory
+    for each in made:
+        for engine in each.extensions["myapp.database"].serving:
+            engine.dispose()
 
 
 @pytest.fixture
