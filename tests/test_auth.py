@@ -19,6 +19,7 @@ from myapp.db import db
 from myapp.models import User
 from tests.support.auth import AuthActions
 from tests.support.certification import CertificationFailures
+from tests.support.metrics import Delta
 
 _FIELD_BLOCK = re.compile(
     r'<div class="field( has-error)?">\s*<label for="(?P<name>\w+)">(?P<inner>.*?)</div>', re.DOTALL
@@ -77,8 +78,10 @@ def test_register_is_rerun_whole_after_a_certification_failure(
     app: Flask, auth: AuthActions, certification_failures: CertificationFailures
 ) -> None:
     certification_failures.next(1)
+    delta = Delta()
     assert auth.register("alice").status_code == 302
     assert certification_failures.raised == 1
+    assert delta("myapp_db_retries_total", reason="certification") == 1
     assert [name for name, _ in accounts(app)] == ["alice"]
     assert auth.login("alice").status_code == 302
 

@@ -65,11 +65,11 @@ def retry_reason(error: BaseException) -> str:
     ``deadlock``, ``certification`` (a Galera conflict, reported as MariaDB's deadlock)
     or ``locked`` (SQLite)."""
     sqlstate, code = _driver_code(error)
+    if code in _RETRYABLE_MYSQL_CODES:  # PyMySQL gives it SQLSTATE 40001 too
+        return "certification" if "wsrep" in str(getattr(error, "orig", "")).lower() else "deadlock"
     if sqlstate == "40001":
         return "serialization"
-    if code in _RETRYABLE_MYSQL_CODES and "wsrep" in str(getattr(error, "orig", "")).lower():
-        return "certification"
-    return "deadlock" if sqlstate == "40P01" or code in _RETRYABLE_MYSQL_CODES else "locked"
+    return "deadlock" if sqlstate == "40P01" else "locked"
 
 
 def unavailable_reason(error: BaseException) -> Unavailable | None:

@@ -19,6 +19,7 @@ from myapp.db import db
 from myapp.models import User
 from tests.support.apps import make_app
 from tests.support.databases import UNREACHABLE_URLS, Backend
+from tests.support.metrics import Delta, sample
 
 THRESHOLD = 3
 
@@ -46,8 +47,12 @@ def test_breaker_opens_after_failures_in_a_row_and_refuses_at_once(
 ) -> None:
     app, attempts = refused_app
     client = app.test_client()
+    delta = Delta()
     for _ in range(THRESHOLD):
         assert client.get("/").status_code == 503
+    assert sample("myapp_db_breaker_open", server="primary") == 1
+    assert delta("myapp_db_breaker_opens_total", server="primary") == 1
+    assert delta("myapp_http_unavailable_total", cause="unreachable") == THRESHOLD
     tried = len(attempts)
     assert tried >= THRESHOLD  # each of those requests tried the database
 
@@ -57,6 +62,7 @@ def test_breaker_opens_after_failures_in_a_row_and_refuses_at_once(
     assert "may or may not have been saved" in refused[0].text
     assert time.monotonic() - started < 1.0
     assert len(attempts) == tried  # not one more connect attempt while open
+    assert delta("myapp_http_unavailable_total", cause="breaker") == 20
     assert "database circuit open after 3 failures in a row" in caplog.text
 
     ready = client.get("/readyz")
@@ -151,8 +157,10 @@ def test_breaker_closes_when_the_probe_answers(app: Flask, caplog: pytest.LogCap
         breaker.record_failure(RuntimeError("simulated loss"))
     client = app.test_client()
     assert client.get("/").status_code == 503
+    assert sample("myapp_db_breaker_open", server="primary") == 1
     breaker.reset_seconds = 0.0
     assert client.get("/").status_code == 200  # the probe answered: traffic resumes
+    assert sample("myapp_db_breaker_open", server="primary") == 0
     assert breaker.status() == {"state": "closed", "failures_in_a_row": 0, "last_error": "RuntimeError: simulated loss"}
     assert "database circuit closed: the probe answered" in caplog.text
 
@@ -219,9 +227,12 @@ def test_bulkhead_refuses_at_once_when_every_holder_is_stuck_on_the_database(app
     try:
         assert entered.wait(10)
         time.sleep(0.4)  # the holder has now waited on the database past the 0.2 s timeout
+        delta = Delta()
         started = time.monotonic()
         refused = app.test_client().get("/")
         assert time.monotonic() - started < 0.15
+        assert delta("myapp_db_bulkhead_refusals_total") == 1
+        assert delta("myapp_http_unavailable_total", cause="bulkhead") == 1
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
         assert "every database connection is in use" in refused.text
         assert app.test_client().get("/healthz").status_code == 200

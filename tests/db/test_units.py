@@ -23,6 +23,7 @@ from myapp.models import User
 from myapp.security import SECURITY_HEADERS
 from tests.support.apps import make_app
 from tests.support.databases import Backend
+from tests.support.metrics import Delta
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -302,18 +303,26 @@ def _conflicting_update(app: Flask, backend: Backend, attempts: int) -> tuple[li
 @pytest.mark.real_commits
 @pytest.mark.backends("postgresql", "mysql")
 def test_retry_recovers_from_a_real_conflict(app: Flask, backend: Backend) -> None:
+    delta = Delta()
     errors, runs, final = _conflicting_update(app, backend, attempts=3)
     assert errors == []
     assert len(runs) == 3  # one of the two units ran twice
     assert final == "xxx"  # both updates applied, none lost
+    # PostgreSQL's REPEATABLE READ fails the second update as a serialization failure;
+    # MariaDB finds a deadlock between the two shared locks.
+    reason = "serialization" if backend.name == "postgresql" else "deadlock"
+    assert delta("myapp_db_retries_total", reason=reason) == 1
+    assert delta("myapp_db_units_given_up_total") == 0
 
 
 @pytest.mark.real_commits
 @pytest.mark.backends("postgresql", "mysql")
 def test_negative_control_without_retry_the_conflict_fails(app: Flask, backend: Backend) -> None:
+    delta = Delta()
     errors, runs, final = _conflicting_update(app, backend, attempts=1)
     assert len(errors) == 1 and isinstance(errors[0], OperationalError)
     assert final == "xx"
+    assert delta("myapp_db_units_given_up_total") == 1
 
 
 @pytest.mark.real_commits

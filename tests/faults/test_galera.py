@@ -33,6 +33,7 @@ from sqlalchemy import insert, select
 from myapp.db import galera as galera_module
 from myapp.models import Post, User
 from tests.support.apps import make_app
+from tests.support.metrics import sample
 from tests.topology import GaleraCluster, GaleraNode
 from tests.topology.fixtures import galera, galera_session  # noqa: F401 (fixtures)
 
@@ -121,6 +122,8 @@ def test_readyz_and_db_status_show_the_node_its_state_and_the_cluster_size(
     try:
         body = app.test_client().get("/readyz").get_json()
         assert body["status"] == "ready"
+        assert sample("myapp_db_galera_node_state", node=galera.nodes[1].address) == 4  # Synced
+        assert sample("myapp_db_galera_cluster_size") == 3
         assert body["galera"] == {"mode": "pinned", "node": galera.nodes[1].address, "state": "Synced",
                                   "cluster_status": "Primary", "cluster_size": 3, "ready": True}
         result = app.test_cli_runner().invoke(args=["db", "status"])
