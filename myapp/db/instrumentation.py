@@ -16,10 +16,10 @@ from werkzeug.wrappers import Response
 
 from .config import DatabaseSettings
 from .state import AppState
+from .statements import TRANSACTION_CONTROL
 
 log = logging.getLogger("myapp.sql")
 
-_TRANSACTION_CONTROL = ("BEGIN", "SAVEPOINT", "RELEASE", "ROLLBACK", "COMMIT")
 # In a pooled connection's info: when its statement under way started. One value, not
 # a stack: a statement that fails never reaches "after", and the next one overwrites it.
 _STARTED = "myapp.query_started"
@@ -81,5 +81,5 @@ class QueryBudget:
 
 
 def _count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-    if has_request_context() and not statement.startswith(_TRANSACTION_CONTROL):
+    if has_request_context() and not statement.startswith(TRANSACTION_CONTROL):
         g.query_count = g.get("query_count", 0) + 1

@@ -33,6 +33,8 @@ from sqlalchemy import Engine, event
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
 
+from .statements import TRANSACTION_CONTROL
+
 if TYPE_CHECKING:
     from flask import Flask
 
@@ -179,19 +181,20 @@ def _measure_engine(engine: Engine, server: str) -> None:
 
 
 def _time_statements(engine: Engine, histogram: Any) -> None:
-    """Each statement's time to its answer, by server, and the request's totals. A
-    thread sends one statement at a time, so its start time is kept per thread."""
+    """Each statement's time to its answer, by server, and the request's totals
+    (transaction control aside, as the query budget counts). A thread sends one
+    statement at a time, so its start time is kept per thread."""
     clock = threading.local()
     perf_counter = time.perf_counter
 
     def sending(*args: Any) -> None:
         clock.started = perf_counter()
 
-    def answered(*args: Any) -> None:
+    def answered(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
         elapsed = perf_counter() - clock.started
         histogram.observe(elapsed)
         stats = current_request.get()
-        if stats is not None:
+        if stats is not None and not statement.startswith(TRANSACTION_CONTROL):
             stats.add_statement(elapsed)
 
     event.listen(engine, "before_cursor_execute", sending)

@@ -25,6 +25,10 @@ _DATA_MODIFYING = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECAS
 # tools (sqlcommenter and the like) put in front of a statement.
 _PREAMBLE = re.compile(r"(?:[\s(]+|/\*.*?\*/|--[^\n]*(?:\n|$))*", re.DOTALL)
 _FIRST_WORD = re.compile(r"[A-Za-z_]+")
+# What SQLAlchemy and the layer send to run transactions, not to do the work: left out
+# of a request's statement count (the query budget, the metrics). A prefix test, since
+# it runs for every statement.
+TRANSACTION_CONTROL = ("BEGIN", "SAVEPOINT", "RELEASE", "ROLLBACK", "COMMIT")
 
 
 class Statement(NamedTuple):

@@ -31,6 +31,7 @@ from myapp.db.replicas import ReplicaSet
 from myapp.db.replication import Replicas
 from myapp.models import Post, RateLimit, User
 from tests.support.apps import make_app
+from tests.support.metrics import Delta, sample
 from tests.topology import PgNode, ReplicatedPostgres
 from tests.topology.fixtures import (  # noqa: F401 (fixtures)
     replicated, replicated2, replicated2_session, replicated_session,
@@ -168,11 +169,15 @@ def topology2(replicated2: ReplicatedPostgres, database2: URL) -> Iterator[Repli
 
 
 def test_reads_land_on_the_replica(topology: ReplicatedPostgres, database: URL) -> None:
+    delta = Delta()
     with replica_app(topology, database) as app:
         client = app.test_client()
         answers = [in_recovery(client) for _ in range(100)]
     on_standby = sum(standby for standby, _ in answers)
     assert on_standby > 90, f"only {on_standby} of 100 reads were served by the standby"
+    # The metrics count each read where it went, and time it on that server.
+    assert delta("myapp_db_reads_total", target="replica_1", reason="replica") >= on_standby
+    assert delta("myapp_db_statement_duration_seconds_count", server="replica_1") >= on_standby
     # The header tells the truth about the connection that served the reads.
     assert all((header == "replica 1") == standby for standby, header in answers)
 
@@ -267,7 +272,10 @@ def test_locks_units_of_work_writes_and_use_primary_read_from_the_primary(
             return {"before": before, "inside": inside, "after": db.session.scalar(recovery)}
 
         client = app.test_client()
+        delta = Delta()
         assert client.get("/_test/primary-cases").text == "ok"
+        assert delta("myapp_db_reads_total", target="primary", reason="use_primary") == 1
+        assert delta("myapp_db_reads_total", target="primary", reason="write_unit") >= 2
         assert seen == {
             "plain": True, "use_primary": False, "plain_again": True, "in_transaction": False,
             "after_read_only_unit": True, "after_lock": False,
@@ -318,9 +326,11 @@ def _writer_sees_own_posts(app: Flask, rounds: int) -> dict[str, Any]:
 def test_read_your_writes_over_a_lagging_standby(topology: ReplicatedPostgres, database: URL) -> None:
     standby = topology.standbys[0]
     _delay_replay(topology, standby, "2s")
+    delta = Delta()
     with replica_app(topology, database) as app:
         outcome = _writer_sees_own_posts(app, 200)
     assert outcome["missed"] == 0, f"the writer missed their own post {outcome['missed']} times in 400 reads"
+    assert delta("myapp_db_reads_total", target="primary", reason="sticky") > 0
     # Everyone else keeps reading from the standby, which does not have the post yet.
     assert outcome["other_served"] == ["replica 1"] * 10
     assert outcome["other_stale"] == 10
@@ -521,16 +531,24 @@ def test_a_stopped_replica_is_taken_out_and_rejoins(
     with replica_app(topology, database) as app:
         client = app.test_client()
         assert in_recovery(client) == (True, "replica 1")
+        assert sample("myapp_db_replica_in_rotation", replica="replica_1") == 1
+        delta = Delta()
         topology.stop(standby)
         # The pooled connection dies with the server: the read is re-run on the primary.
         answers = [in_recovery(client) for _ in range(20)]
         assert answers == [(False, "primary")] * 20
         assert replicas_of(app).replicas[0].state == "down"
         assert "left:" in caplog.text
+        assert sample("myapp_db_replica_in_rotation", replica="replica_1") == 0
+        assert delta("myapp_db_reads_total", target="primary", reason="replica_failed") == 1
+        # /_test/where reads twice: the first read of the first request met the dead
+        # replica, every later one found no healthy replica.
+        assert delta("myapp_db_reads_total", target="primary", reason="no_healthy_replica") == 2 * 20 - 1
         topology.start(standby)
         topology.wait_for_streaming(standby)
         wait_until(lambda: in_recovery(client) == (True, "replica 1"), 5, "the replica to rejoin", 0.05)
         assert "rejoined" in caplog.text
+        assert sample("myapp_db_replica_in_rotation", replica="replica_1") == 1
 
 
 # -- what the operator sees --------------------------------------------------------------------
@@ -542,6 +560,7 @@ def test_readyz_and_db_status_list_each_replica(topology: ReplicatedPostgres, da
         assert body["status"] == "ready"  # type: ignore[index]
         (replica,) = body["replicas"]  # type: ignore[index]
         assert replica["state"] == "healthy" and replica["lag_bytes"] is not None
+        assert sample("myapp_db_replica_lag_bytes", replica="replica_1") == replica["lag_bytes"]
         assert replica["url"].endswith(f"/{database.database}") and "***" not in replica["url"]
         output = app.test_cli_runner().invoke(args=["db", "status"])
         assert output.exit_code == 0, output.output
