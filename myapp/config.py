@@ -82,6 +82,8 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_POOL_SIZE": 5,
     "DATABASE_MAX_OVERFLOW": 5,
     # Far below gunicorn's 30 s worker timeout: a full pool answers 503, not a killed worker.
+    # Alert MyappDatabasePoolSaturated (deploy/prometheus/alerts.yml): every connection of
+    # the pool size checked out for 1 min, or a wait past this timeout.
     "DATABASE_POOL_TIMEOUT": 5.0,
     # Below MariaDB's 8 h wait_timeout and typical proxy idle limits.
     "DATABASE_POOL_RECYCLE": 1800,
@@ -94,7 +96,9 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_STATEMENT_TIMEOUT": 0,
     "DATABASE_SLOW_QUERY_MS": 500,  # log statements slower than this (0: off)
     "DATABASE_QUERY_BUDGET": 30,  # debug and tests: warn when a request sends more
-    "DATABASE_COMMIT_ON_SUCCESS": False,  # commit requests that wrote and answered 2xx/3xx
+    # Commit requests that wrote and answered 2xx/3xx. Off, a view commits its own writes;
+    # a forgotten commit is rolled back and alert MyappLostWrites fires at once.
+    "DATABASE_COMMIT_ON_SUCCESS": False,
     # PostgreSQL: GET/HEAD requests read in autocommit until their first write.
     "DATABASE_READ_ONLY_AUTOCOMMIT": True,
     # Seconds before a connection whose server stopped answering fails (0: the kernel's
@@ -104,7 +108,8 @@ DEFAULTS: dict[str, Any] = {
     # Failures to answer in a row (connect failures, lost connections, network
     # timeouts) that open the circuit breaker: then requests that need the database get
     # a 503 at once, and after DATABASE_BREAKER_RESET seconds one probe checks whether
-    # it is back. 0: no breaker.
+    # it is back. 0: no breaker. Alert MyappDatabaseUnreachable: a breaker open on any
+    # worker for over 30 s, i.e. about 30 failed probes at the default reset.
     "DATABASE_BREAKER_THRESHOLD": 3,
     "DATABASE_BREAKER_RESET": 1.0,
     # Threads of a process that may use the database at once (0: no cap); a slot is held
@@ -126,7 +131,9 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_REPLICA_CHECK_INTERVAL": 1.0,
     # A replica further behind than this leaves the rotation until it catches up: a
     # time, a size, or both ("10s, 16MB"); time is counted from when the primary first
-    # had WAL the replica still has not replayed, so an idle primary adds none.
+    # had WAL the replica still has not replayed, so an idle primary adds none. Alerts
+    # MyappReplicaLagging (past these figures for 1 min; alerts.yml repeats them: change
+    # both) and MyappNoReplicaInRotation (none in rotation for 30 s).
     "DATABASE_REPLICA_MAX_LAG": "10s, 16MB",
     # An X-Read-From header (replica <n> / primary) on every response; always on in debug.
     "DATABASE_READ_FROM_HEADER": False,
