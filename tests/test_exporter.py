@@ -150,3 +150,34 @@ def test_a_command_with_a_metrics_folder_that_does_not_exist_yet_works(backend: 
                             text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and folder.is_dir()
+
+
+@ON_POSTGRESQL
+@pytest.mark.parametrize("folder_named", [False, True], ids=["in-process", "deploy-folder"])
+def test_the_flask_dev_server_serves_with_metrics_on(backend: Backend, tmp_path: Path, folder_named: bool) -> None:
+    port = free_port()
+    environment = {**os.environ, "SECRET_KEY": SECRET_KEY, "FLASK_APP": "myapp", "FLASK_DEBUG": "0",
+                   "DATABASE_URL": backend.url.render_as_string(hide_password=False), "METRICS": "true"}
+    if folder_named:
+        environment["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    flask = Path(sys.executable).with_name("flask")
+    log = tmp_path / "flask-run.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen([str(flask), "run", "--port", str(port)], cwd=tmp_path, env=environment,
+                                   stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        answer = None
+        while answer is None and time.monotonic() < deadline and process.poll() is None:
+            try:
+                answer = requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        assert answer is not None and answer.status_code == 200, log.read_text(errors="replace")
+        assert requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 404
+    finally:
+        process.terminate()
+        process.wait(10)
+    output = log.read_text(errors="replace")
+    assert "Traceback" not in output
+    assert f'"GET /" posts.index 200 ' in output and f"id={answer.headers['X-Request-ID']}" in output
