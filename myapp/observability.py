@@ -133,10 +133,18 @@ def _where_reads_went(stats: RequestStats) -> str:
 
 
 def _text_line(current: _Request, response: Response, seconds: float) -> str:
+    """What a client sent (its path, its forwarded address) is escaped: a %0A in a URL
+    must not start a line of its own in the log."""
     stats = current.stats
-    return (f'{time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} {request.remote_addr} "{request.method} {request.full_path.rstrip("?")}" '
+    return (f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {_escaped(request.remote_addr or '-')} "
+            f'"{request.method} {_escaped(request.full_path.rstrip("?"))}" '
             f"{request.endpoint or '-'} {response.status_code} {seconds * 1000:.1f}ms "
             f"db={stats.statements}/{stats.db_seconds * 1000:.1f}ms reads={_where_reads_went(stats)} id={current.id}")
+
+
+def _escaped(text: str) -> str:
+    """Quotes, backslashes, control and non-ASCII characters as JSON escapes them."""
+    return json.dumps(text)[1:-1]
 
 
 def _json_line(current: _Request, response: Response, seconds: float) -> str:

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import requests
 from flask import Flask
-from prometheus_client.parser import text_string_to_metric_families
 
 from myapp.exporter import parse_bind
 from tests.support.apps import SECRET_KEY
 from tests.support.databases import Backend
 from tests.support.gunicorn import GUNICORN, ROOT, Server, start_gunicorn, stop_gunicorn
+from tests.support.metrics import scrape, total
 from tests.support.network import free_port
 
 pytestmark = pytest.mark.gunicorn
@@ -27,19 +27,6 @@ pytestmark = pytest.mark.gunicorn
 ON_POSTGRESQL = pytest.mark.backends("postgresql")
 
 POOL_SIZE = 3
-
-
-def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The master's exposition, as {(sample name, sorted labels): value}."""
-    body = requests.get(server.metrics_url, timeout=10).text
-    return {(each.name, tuple(sorted(each.labels.items()))): each.value
-            for family in text_string_to_metric_families(body) for each in family.samples}
-
-
-def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    """The sum over every sample of ``name`` whose labels include ``labels``."""
-    return sum(value for (sample, keys), value in samples.items()
-               if sample == name and set(labels.items()) <= set(keys))
 
 
 @pytest.fixture
@@ -68,7 +55,7 @@ def _worker_pids(server: Server) -> set[int]:
 def test_the_master_sums_the_requests_of_every_worker(server: Server) -> None:
     for _ in range(60):  # a fresh connection each: either worker may take it
         assert requests.get(f"{server.url}/", headers={"Connection": "close"}, timeout=10).status_code == 200
-    samples = scrape(server)
+    samples = scrape(server.metrics_url)
     assert total(samples, "myapp_http_requests_total", endpoint="posts.index", method="GET", status="200") == 60
     # Each worker's pool is counted once: two live workers, summed.
     assert total(samples, "myapp_db_pool_size", server="primary") == 2 * POOL_SIZE
@@ -93,10 +80,10 @@ def test_a_worker_that_exits_leaves_the_live_gauges_and_keeps_its_counts(server:
     while time.monotonic() < deadline:  # the master replaces it; the new one builds its pool
         pids = _worker_pids(server)
         if len(pids) == 2 and pids != before and requests.get(f"{server.url}/healthz", timeout=5).ok:
-            if total(scrape(server), "myapp_db_pool_size", server="primary") == 2 * POOL_SIZE:
+            if total(scrape(server.metrics_url), "myapp_db_pool_size", server="primary") == 2 * POOL_SIZE:
                 break
         time.sleep(0.2)
-    samples = scrape(server)
+    samples = scrape(server.metrics_url)
     # Without child_exit's mark_process_dead the dead worker's pool would still count: 3 x.
     assert total(samples, "myapp_db_pool_size", server="primary") == 2 * POOL_SIZE
     assert total(samples, "myapp_http_requests_total", endpoint="posts.index") == 20

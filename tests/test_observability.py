@@ -110,6 +110,13 @@ def test_one_text_line_per_request_with_what_it_did(client: FlaskClient, lines: 
         + f"id={response.headers['X-Request-ID']}", line), line
 
 
+def test_what_a_client_sends_cannot_forge_a_line(client: FlaskClient, lines: Lines) -> None:
+    client.get('/x%0A2026-12-07T00:00:00Z 10.0.0.1 "GET /admin" admin 200 1.0ms')
+    [line] = lines.lines
+    assert "\n" not in line and line.replace('\\"', "").count('"') == 2  # the path's own quotes are escaped
+    assert r'"GET /x\n2026-12-07T00:00:00Z 10.0.0.1 \"GET /admin\" admin 200 1.0ms" - 404 ' in line
+
+
 def test_a_request_without_the_database_logs_no_statements(client: FlaskClient, lines: Lines) -> None:
     client.get("/healthz")
     assert " health.healthz 200 " in lines.lines[0] and " db=0/0.0ms reads=- " in lines.lines[0]

@@ -50,6 +50,7 @@ from myapp import create_app
 from myapp.db.engines import read_only_server_is_a_disconnect
 from tests.support.apps import migrate
 from tests.support.gunicorn import Server
+from tests.support.metrics import scrape, total
 from tests.topology import PgNode, ReplicatedPostgres, replicated_postgres
 from tests.topology.fixtures import require_namespaces, require_postgres
 from tests.topology.netns import wait_for
@@ -267,7 +268,8 @@ def timeline(calls: list[Call], switch: Switch, log: bytes) -> Timeline:
 
 def run_failover(scenario: Scenario, workdir: Path, app: str = "wsgi:app") -> tuple[Verdict, Timeline, str]:
     """A topology of its own, gunicorn, the load with the fault and the promotion; then
-    the old primary is stopped and the history judged on the new primary."""
+    the old primary is stopped and the history judged on the new primary. The metrics
+    show the workers' new connections moving from the old primary's host to the new."""
     with replicated_database(scenario.partitionable) as topology:
         old, new = topology.nodes
         switch = Switch()
@@ -275,6 +277,10 @@ def run_failover(scenario: Scenario, workdir: Path, app: str = "wsgi:app") -> tu
             calls, outage = run_load(server.url, scenario.seconds, FAULT_AT,
                                      failover(topology, server, scenario, switch), quiet_outage=False)
             log = server.log.read_bytes()
+            samples = scrape(server.metrics_url)
+        for node in (old, new):
+            host = f"{node.address}:{node.port}"
+            assert total(samples, "myapp_db_connections_opened_total", server="primary", host=host) > 0, host
         # Only now may the old primary go: until the end of the load it stayed stopped,
         # cut off or read-only, never a second writable primary. Immediate: across a
         # partition a fast shutdown would wait for its lost standby (wal_sender_timeout).
