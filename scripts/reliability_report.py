@@ -294,7 +294,7 @@ def _draw_panel(ax: Any, panel: dict[str, Any] | None, title: str, events: list[
         values = [float("nan") if v is None else v for _, v in series["points"]]
         ax.plot(times, values, linewidth=1.2, label=_legend_name(series["labels"]))
     if panel["series"]:
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="best")  # where it hides the fewest points and event labels
     ax.tick_params(labelsize=8)
 
 

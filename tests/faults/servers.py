@@ -19,19 +19,20 @@ from tests.support.servers import START_TIMEOUT
 
 @contextmanager
 def gunicorn(
-    database_url: URL | str, workdir: Path, *, fault_app: bool = False, app: str | None = None, **env: str
+    database_url: URL | str, workdir: Path, *, fault_app: bool = False, app: str | None = None,
+    config: str = "gunicorn.conf.py", **env: str
 ) -> Iterator[Server]:
     """Real gunicorn workers (``gunicorn.conf.py``) on ``database_url``, stopped at the end.
 
     With ``fault_app`` they serve ``tests.faults.slowapp:app`` instead of ``wsgi:app``;
-    ``app`` names any other target. A URL string is passed as it is (a libpq multi-host
-    URL, say).
+    ``app`` names any other target, ``config`` another gunicorn settings file. A URL
+    string is passed as it is (a libpq multi-host URL, say).
     Waits until every worker has booted, not just the first to answer.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     target = app or ("tests.faults.slowapp:app" if fault_app else "wsgi:app")
     rendered = database_url if isinstance(database_url, str) else database_url.render_as_string(hide_password=False)
-    server = start_gunicorn(rendered, workdir, app=target, **env)
+    server = start_gunicorn(rendered, workdir, app=target, config=config, **env)
     try:
         _wait_for_workers(server, int(env.get("WEB_CONCURRENCY", "2")))
         yield server

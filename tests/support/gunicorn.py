@@ -29,9 +29,11 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_gunicorn(database_url: str, tmp_path: Path, app: str = "wsgi:app", **env: str) -> Server:
+def start_gunicorn(database_url: str, tmp_path: Path, app: str = "wsgi:app", config: str = "gunicorn.conf.py",
+                   **env: str) -> Server:
     """Start gunicorn with the project's gunicorn.conf.py on ``app`` (the fault suite
-    serves its test-only apps this way) and wait until it answers."""
+    serves its test-only apps this way) and wait until it answers. ``config`` names
+    another settings file, relative to the checkout (a negative control's)."""
     port = free_port()
     log = tmp_path / f"gunicorn-{port}.log"
     # Servers run side by side: each master serves its metrics on a port of its own.
@@ -50,7 +52,7 @@ def start_gunicorn(database_url: str, tmp_path: Path, app: str = "wsgi:app", **e
         process = subprocess.Popen(
             # No control socket: gunicorn 27 puts it at one path in $HOME, which test
             # servers running side by side would fight over.
-            [str(GUNICORN), "-c", "gunicorn.conf.py", "--no-control-socket", app],
+            [str(GUNICORN), "-c", config, "--no-control-socket", app],
             cwd=ROOT, env=environment, stdout=sink, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
