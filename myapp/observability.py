@@ -38,6 +38,9 @@ REQUEST_SECONDS = Histogram("myapp_http_request_duration_seconds", "Time to buil
                             ["endpoint"], buckets=LATENCY_BUCKETS)
 UNAVAILABLE = Counter("myapp_http_unavailable", "503 answers, by cause: unreachable, pool_timeout, breaker, "
                       "bulkhead, statement_timeout, read_only.", ["cause"])
+CAUSES = ("unreachable", "pool_timeout", "breaker", "bulkhead", "statement_timeout", "read_only")
+for _cause in CAUSES:  # each series at 0 from the start: its first 503 is a rise rate() sees
+    UNAVAILABLE.labels(_cause)
 
 # Label values come from this list, never from the request: a client may send any method.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

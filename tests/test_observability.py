@@ -183,3 +183,12 @@ def test_503s_are_counted_by_cause(app_factory: AppFactory, error: Exception, ca
     delta = Delta()
     assert _failing_app(app_factory, error).test_client().get("/broken").status_code == 503
     assert delta("myapp_http_unavailable_total", cause=cause) == 1
+
+
+def test_every_cause_has_its_series_before_its_first_503() -> None:
+    """So that rate() and the alerts see the first 503 of a cause as a rise."""
+    from prometheus_client import REGISTRY
+
+    causes = {each.labels["cause"] for family in REGISTRY.collect() if family.name == "myapp_http_unavailable"
+              for each in family.samples if each.name.endswith("_total")}
+    assert causes == {"unreachable", "pool_timeout", "breaker", "bulkhead", "statement_timeout", "read_only"}

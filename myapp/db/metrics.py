@@ -71,10 +71,12 @@ BREAKER_OPENS = Counter("myapp_db_breaker_opens", "Times a circuit breaker opene
 BULKHEAD_REFUSALS = Counter("myapp_db_bulkhead_refusals", "Requests the bulkhead turned away (a 503).")
 
 RETRIES = Counter("myapp_db_retries", "Units of work run again after a failure a retry may cure.", ["reason"])
+RETRY_REASONS = ("serialization", "deadlock", "certification", "locked")
 UNITS_GIVEN_UP = Counter("myapp_db_units_given_up", "Units of work that failed on their last attempt.")
 LOST_WRITES = Counter("myapp_db_lost_writes", "Sessions that ended with writes nobody committed.")
 
 READS = Counter("myapp_db_reads", "Reads of read-only requests, by where they went and why.", ["target", "reason"])
+PRIMARY_READ_REASONS = ("sticky", "no_healthy_replica", "replica_failed", "use_primary", "write_unit")
 REPLICA_IN_ROTATION = Gauge("myapp_db_replica_in_rotation", "1 while a replica serves reads (on any worker).",
                             ["replica"], multiprocess_mode="livemax")
 REPLICA_LAG_BYTES = Gauge("myapp_db_replica_lag_bytes", "WAL a replica has yet to replay, at its last check.",
@@ -87,6 +89,12 @@ GALERA_NODE_STATE = Gauge(
     "(4 Synced, 2 Donor/Desynced; 0: no longer this worker's node).", ["node"], multiprocess_mode="liveall")
 GALERA_CLUSTER_SIZE = Gauge("myapp_db_galera_cluster_size", "wsrep_cluster_size, as the last node reached said.",
                             multiprocess_mode="livemax")
+
+
+# A labelled series exists once its child is made. Made at 0 up front, the first event
+# of each kind is a rise that rate() and increase() see, not the start of a series.
+for _reason in RETRY_REASONS:
+    RETRIES.labels(_reason)
 
 
 # -- what one request did: counted for its log line and its histograms -----------------
@@ -128,6 +136,14 @@ def _read_counter(target: str, reason: str) -> Any:
     if counter is None:
         counter = _read_counters[(target, reason)] = READS.labels(target, reason)
     return counter
+
+
+def expect_reads(replica_labels: list[str]) -> None:
+    """Replicas are configured: every series of the reads counter starts at 0."""
+    for reason in PRIMARY_READ_REASONS:
+        _read_counter("primary", reason)
+    for label in replica_labels:
+        _read_counter(label, "replica")
 
 
 # -- the feature: the hot path's listeners ---------------------------------------------------

@@ -17,6 +17,7 @@ from .autocommit import track_units
 from .config import DatabaseSettings, ReplicaSettings
 from .engines import make_check_engine, make_engine
 from .errors import mask_url
+from .metrics import expect_reads
 from .replicas import Replica, ReplicaSet
 from .session import AppSession, state_of
 from .state import AppState, StateAccess
@@ -45,6 +46,7 @@ class Replicas:
 
     def install(self, state: AppState, app: Flask) -> None:
         state.replica_engines.extend(replica.engine for replica in self.replica_set.replicas)
+        expect_reads([replica.label for replica in self.replica_set.replicas])
         track_units(state.sessionmaker)
         routing.route_reads(state.sessionmaker)
         state.openers.append(self._read_from_replicas)

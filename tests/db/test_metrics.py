@@ -16,7 +16,7 @@ from myapp.db.metrics import MeasuredPool
 from myapp.db.tracking import LostWriteError
 from myapp.models import User
 from tests.support.databases import Backend
-from tests.support.metrics import Delta, sample
+from tests.support.metrics import Delta, exists, sample
 
 AppFactory = Callable[..., Flask]
 
@@ -113,3 +113,8 @@ def _three_statements(app: Flask) -> None:
     with app.app_context():
         for _ in range(3):
             db.session.execute(text("SELECT 1"))
+
+
+def test_every_retry_reason_has_its_series_before_its_first_retry() -> None:
+    assert all(exists("myapp_db_retries_total", reason=reason)
+               for reason in ("serialization", "deadlock", "certification", "locked"))

@@ -31,7 +31,7 @@ from myapp.db.replicas import ReplicaSet
 from myapp.db.replication import Replicas
 from myapp.models import Post, RateLimit, User
 from tests.support.apps import make_app
-from tests.support.metrics import Delta, sample
+from tests.support.metrics import Delta, exists, sample
 from tests.topology import PgNode, ReplicatedPostgres
 from tests.topology.fixtures import (  # noqa: F401 (fixtures)
     replicated, replicated2, replicated2_session, replicated_session,
@@ -561,6 +561,10 @@ def test_readyz_and_db_status_list_each_replica(topology: ReplicatedPostgres, da
         (replica,) = body["replicas"]  # type: ignore[index]
         assert replica["state"] == "healthy" and replica["lag_bytes"] is not None
         assert sample("myapp_db_replica_lag_bytes", replica="replica_1") == replica["lag_bytes"]
+        # Every reads series starts at 0: their first reads are a rise rate() sees.
+        assert all(exists("myapp_db_reads_total", target="primary", reason=reason)
+                   for reason in ("sticky", "no_healthy_replica", "replica_failed", "use_primary", "write_unit"))
+        assert exists("myapp_db_reads_total", target="replica_1", reason="replica")
         assert replica["url"].endswith(f"/{database.database}") and "***" not in replica["url"]
         output = app.test_cli_runner().invoke(args=["db", "status"])
         assert output.exit_code == 0, output.output

@@ -16,6 +16,11 @@ def sample(name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+def exists(name: str, **labels: str) -> bool:
+    """Whether the sample has a series yet (a labelled one appears with its first child)."""
+    return REGISTRY.get_sample_value(name, labels) is not None
+
+
 class Delta:
     """How much samples grew since the Delta was made: ``delta("x_total", l="v")``."""
 
