@@ -11,6 +11,8 @@ import os
 import select
 import time
 import weakref
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -219,6 +221,7 @@ def _ping_only_when_the_socket_speaks(engine: Engine) -> None:
     """
     real_ping = engine.dialect.do_ping
     checked_in: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+    guards = _ping_guards[engine.dialect] = []
 
     @event.listens_for(engine, "checkin")
     def _note_checkin(dbapi_connection: Any, record: Any) -> None:
@@ -229,7 +232,10 @@ def _ping_only_when_the_socket_speaks(engine: Engine) -> None:
         recently = time.monotonic() - checked_in.get(dbapi_connection, 0.0) < QUIET_PING_WINDOW
         if recently and _socket_is_quiet(dbapi_connection):
             return True
-        return real_ping(dbapi_connection)
+        if not guards:
+            return real_ping(dbapi_connection)
+        with guards[0](dbapi_connection):
+            return real_ping(dbapi_connection)
 
     # The one place the layer replaces a library method, kept because no public mechanism
     # is as cheap: pool_pre_ping (the seed's promise) calls the dialect's do_ping, and
@@ -239,6 +245,20 @@ def _ping_only_when_the_socket_speaks(engine: Engine) -> None:
     # test_quiet_connection_skips_the_ping_and_a_spoken_one_gets_it fails if a ping
     # stops going through it; tests/db/test_layout.py lists it with this reason.
     engine.dialect.do_ping = do_ping  # type: ignore[method-assign]
+
+
+# What a real ping waits under, per dialect (an engine's own: each engine has one):
+# deadline.Deadlines adds its watchdog here, after the engine is made.
+_ping_guards: weakref.WeakKeyDictionary[Any, list[Callable[[Any], AbstractContextManager[None]]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def guard_pings(engine: Engine, guard: Callable[[Any], AbstractContextManager[None]]) -> None:
+    """Run the engine's real pings inside ``guard(dbapi_connection)`` (a deadline)."""
+    guards = _ping_guards.get(engine.dialect)
+    if guards is not None:
+        guards.clear()
+        guards.append(guard)
 
 
 _IDLE = 0  # psycopg.pq.TransactionStatus.IDLE (libpq's PQTRANS_IDLE), without importing psycopg here

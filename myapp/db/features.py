@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from .autocommit import ReadOnlyAutocommit
 from .breaker import Guards
 from .config import DatabaseSettings
+from .deadline import Deadlines
 from .galera import Galera
 from .instrumentation import QueryBudget, SlowQueryLog
 from .metrics import Metrics
@@ -36,6 +37,7 @@ FEATURES: tuple[Callable[[DatabaseSettings], Feature | None], ...] = (
     WriteTracking.build,  # always: lost-write detection, and "did this session write"
     Galera.build,  # DATABASE_GALERA, or a MariaDB URL that lists several nodes
     Guards.build,  # DATABASE_BREAKER_THRESHOLD, DATABASE_BULKHEAD
+    Deadlines.build,  # DATABASE_NETWORK_TIMEOUT, on PostgreSQL: a frozen server's waits are abandoned
     SlowQueryLog.build,  # DATABASE_SLOW_QUERY_MS
     QueryBudget.build,  # DATABASE_QUERY_BUDGET, in debug and tests
     Metrics.build,  # METRICS: statement latency, pool use, connections by host

@@ -22,7 +22,7 @@ from myapp.db.state import AppState
 POSTGRES = "postgresql+psycopg://app@127.0.0.1:1/site"
 MARIADB_CLUSTER = "mysql+pymysql://app@127.0.0.1:1/site?host=127.0.0.1:2"
 ALL_OFF = {"DATABASE_BREAKER_THRESHOLD": 0, "DATABASE_SLOW_QUERY_MS": 0, "DATABASE_READ_ONLY_AUTOCOMMIT": False,
-           "METRICS": False}
+           "METRICS": False, "DATABASE_NETWORK_TIMEOUT": 0}
 
 
 def _listeners(engine: Engine, session: Session) -> Counter[str]:
@@ -75,15 +75,23 @@ BREAKER = Counter({"dialect.do_connect": 1, "engine.before_cursor_execute": 1, "
 SLOW_QUERY_LOG = Counter({"engine.before_cursor_execute": 1, "engine.after_cursor_execute": 1})
 # Statement latency (a start and an answer), connections checked out and back, new
 # connections by host. The pool's wait is timed by the pool itself (MeasuredPool).
+# A wait begins at a statement, a COMMIT, a ROLLBACK or the pool's reset, and ends at
+# its answer, its failure or the checkin; a connect is refused while the server has
+# just left one unanswered.
+DEADLINES = Counter({"engine.before_cursor_execute": 1, "engine.after_cursor_execute": 1, "dialect.handle_error": 1,
+                     "engine.commit": 1, "engine.rollback": 1, "pool.reset": 1, "pool.checkin": 1,
+                     "dialect.do_connect": 1})
 METRICS = Counter({"engine.before_cursor_execute": 1, "engine.after_cursor_execute": 1, "pool.checkout": 1,
                    "pool.checkin": 1, "pool.connect": 1})
 
 
-def test_the_default_postgresql_config_installs_30_listeners() -> None:
+def test_the_default_postgresql_config_installs_38_listeners() -> None:
     app = _app(POSTGRES)
-    assert _features(app) == ["ReadOnlyAutocommit", "WriteTracking", "Guards", "SlowQueryLog", "Metrics"]
-    assert listener_counts(app) == CORE + AUTOCOMMIT + BREAKER + SLOW_QUERY_LOG + METRICS
-    assert sum(listener_counts(app).values()) == 30  # 42 before the redesign, 25 before the metrics
+    assert _features(app) == ["ReadOnlyAutocommit", "WriteTracking", "Guards", "Deadlines", "SlowQueryLog",
+                              "Metrics"]
+    assert listener_counts(app) == CORE + AUTOCOMMIT + BREAKER + DEADLINES + SLOW_QUERY_LOG + METRICS
+    # 42 before the redesign, 25 before the metrics and the deadlines
+    assert sum(listener_counts(app).values()) == 38
 
 
 def test_with_every_feature_off_only_the_core_is_installed() -> None:
@@ -99,6 +107,7 @@ def test_with_every_feature_off_only_the_core_is_installed() -> None:
         ({"DATABASE_BREAKER_THRESHOLD": 0}, BREAKER),
         ({"DATABASE_SLOW_QUERY_MS": 0}, SLOW_QUERY_LOG),
         ({"METRICS": False}, METRICS),
+        ({"DATABASE_NETWORK_TIMEOUT": 0}, DEADLINES),
     ],
 )
 def test_a_feature_switched_off_removes_exactly_its_listeners(
@@ -111,24 +120,24 @@ def test_everything_on_for_postgresql() -> None:
     """Replicas, the bulkhead beside the breaker, and the query budget (debug)."""
     app = _app(POSTGRES, DEBUG=True, DATABASE_BULKHEAD=3,
                DATABASE_REPLICA_URLS="postgresql+psycopg://app@127.0.0.1:2/site")
-    assert _features(app) == ["ReadOnlyAutocommit", "Replicas", "WriteTracking", "Guards", "SlowQueryLog",
-                              "QueryBudget", "Metrics"]
+    assert _features(app) == ["ReadOnlyAutocommit", "Replicas", "WriteTracking", "Guards", "Deadlines",
+                              "SlowQueryLog", "QueryBudget", "Metrics"]
     bulkhead = Counter({"engine.commit": 1, "engine.rollback": 1, "pool.checkout": 1, "pool.checkin": 1,
                         "dialect.handle_error": 1, "session.after_transaction_create": 1})
     query_budget = Counter({"engine.before_cursor_execute": 1})
     replica_routing = Counter({"session.do_orm_execute": 1})
     assert listener_counts(app) == (CORE + AUTOCOMMIT + BREAKER + SLOW_QUERY_LOG + bulkhead + query_budget
-                                    + replica_routing + METRICS)
+                                    + replica_routing + METRICS + DEADLINES)
     replica_engine = app.extensions["myapp.database"].replica_engines[0]
     # A replica's engine: what it must not run is stopped, the bulkhead, slow queries,
-    # the budget, write tracking's checkin, the connection's name, the free pre-ping
-    # and the metrics; no breaker (it watches the primary).
+    # the budget, write tracking's checkin, the connection's name, the free pre-ping,
+    # the metrics and the deadline; no breaker (it watches the primary).
     replica_only = +Counter({key: value for key, value in listener_counts(
         app, replica_engine, isolation_level="AUTOCOMMIT").items() if not key.startswith("session.")})
     assert replica_only == Counter({
-        "engine.before_cursor_execute": 5, "engine.after_cursor_execute": 3, "engine.commit": 1,
-        "engine.rollback": 1, "pool.checkout": 2, "pool.checkin": 4, "pool.connect": 1, "dialect.do_connect": 2,
-        "dialect.handle_error": 1,
+        "engine.before_cursor_execute": 6, "engine.after_cursor_execute": 4, "engine.commit": 2,
+        "engine.rollback": 2, "pool.checkout": 2, "pool.checkin": 5, "pool.connect": 1, "pool.reset": 1,
+        "dialect.do_connect": 3, "dialect.handle_error": 2,
     })
 
 

@@ -187,6 +187,26 @@ class PostgresServer(ThrowawayServer):
         return URL.create("postgresql+psycopg", username="postgres", host="127.0.0.1", port=self.port,
                           database=database)
 
+    def process_ids(self) -> list[int]:
+        """The postmaster (from postmaster.pid) and every process it has forked."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+        return [postmaster, *map(int, children)]
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Every process of the server stopped (SIGSTOP), as a server stuck on storage or
+        a paused VM: its kernel still accepts connections and acknowledges packets, and
+        nothing answers. Thawed (SIGCONT) at the end, whatever happened."""
+        pids = self.process_ids()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
 
 class MariaDBServer(ThrowawayServer):
     name = "mysql"

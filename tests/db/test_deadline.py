@@ -1,0 +1,39 @@
+"""The deadline on each wait (myapp/db/deadline.py): a slow statement on a server that
+answers is never abandoned; the frozen server itself is tests/faults/test_frozen.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from flask import Flask
+from sqlalchemy import text
+
+from myapp.db import db
+from myapp.db.deadline import Deadlines
+
+AppFactory = Callable[..., Flask]
+
+
+@pytest.mark.backends("postgresql")
+def test_a_slow_statement_on_a_server_that_answers_runs_to_its_end(app_factory: AppFactory) -> None:
+    """Past the deadline the watchdog asks the server for a fresh connection; it
+    answers, so the statement (a long report, a migration) keeps running."""
+    app = app_factory(DATABASE_NETWORK_TIMEOUT=1)
+    with app.app_context():
+        assert db.session.execute(text("SELECT pg_sleep(2.5), 42")).one()[1] == 42
+        watchdog = db.app_state().feature(Deadlines).watchdogs["primary"]  # type: ignore[union-attr]
+    assert watchdog.abandoned == 0 and not watchdog.recently_unanswered()
+
+
+@pytest.mark.backends("postgresql")
+def test_the_deadline_comes_after_the_statement_timeout(app_factory: AppFactory) -> None:
+    """A statement the server would cancel itself gets the chance to."""
+    app = app_factory(DATABASE_NETWORK_TIMEOUT=2, DATABASE_STATEMENT_TIMEOUT=5000)
+    assert app.extensions["myapp.database"].feature(Deadlines).seconds == 6.0
+
+
+@pytest.mark.backends("sqlite", "mysql")
+def test_no_watchdog_where_the_driver_has_its_own_read_timeout(app_factory: AppFactory) -> None:
+    """PyMySQL's read timeout already bounds a wait on a frozen server; SQLite has none."""
+    assert app_factory().extensions["myapp.database"].feature(Deadlines) is None
