@@ -1,7 +1,7 @@
 """What issue 18's request log line and Prometheus metrics cost on the post page, served
 by gunicorn (issue 18, point 3; goal: at most 3 % more worker CPU per request).
 
-    python -m bench.observability [--repeats N] [--seconds S]     (make bench-observability)
+    python -m bench.observability [--repeats N] [--seconds S] [--base REV]     (make bench-observability)
 
 Three servers of this checkout, each serving ``bench/observed_wsgi.py`` (the bench's
 myapp, CSRF off) with the project's ``gunicorn.conf.py`` (2 workers x 4 threads) on the
@@ -27,6 +27,10 @@ checkout's ``myapp``, and gunicorn's access log setting of each variant as gunic
 resolves it (``--print-config``). After it: the request lines in each server's log, and
 the requests ``on``'s exporter counted over its workers, against what wrk saw answered.
 
+``--base REV`` serves a fourth server, ``base-on``: ``on``'s settings on that revision's
+``myapp`` (extracted as ``bench/baseline.py`` extracts its baseline), for a before/after of
+a change to the line or the metrics measured in the same run (``on`` / ``base-on``).
+
 ``make bench`` runs it after ``bench/baseline.py``; then ``docs/performance.md`` is rewritten
 with its section and ``docs/performance-observability.png``. Settings (environment):
 ``BENCH_OBSERVABILITY_REPEATS`` (20, at least 5), ``BENCH_SECONDS`` (per cell, 2),
@@ -51,7 +55,7 @@ from typing import Any
 from sqlalchemy.engine import URL, make_url
 
 from bench import loadgen
-from bench.baseline import changed_here, checked_imports, describe
+from bench.baseline import changed_here, checked_imports, describe, environment, extract
 from bench.run import (
     DATABASE, GUNICORN, ROOT, THREADS, WORKERS, Results, Server, free_ports, log, measure_interleaved,
     migrate_and_seed, postgres_server, reachable, server_environment, start_server, stop_server,
@@ -81,6 +85,7 @@ VARIANTS: dict[str, dict[str, str | None]] = {
 # gunicorn's accesslog setting each variant must resolve to ("None": no access log at all).
 ACCESS_LOG = {"on": "None", "off": "/dev/null", "off-no-log": "None"}
 PAIRS = (("on", "off"), ("on", "off-no-log"))  # (measured, control) for the ratios
+BASE = "base-on"  # --base: "on" served from another revision's tree
 ENDPOINT = "posts.detail"
 # The app's text line for a post page (myapp.observability._text_line).
 REQUEST_LINE = re.compile(
@@ -88,14 +93,16 @@ REQUEST_LINE = re.compile(
 )
 
 
-def resolved_access_log(name: str, url: URL, folder: Path) -> str:
+def resolved_access_log(name: str, url: URL, folder: Path, tree: Path | None = None) -> str:
     """gunicorn's ``accesslog`` for a variant, as ``gunicorn --print-config`` resolves it
-    from the project's settings and the variant's environment (nothing is started)."""
-    environment = server_environment(url, *free_ports(2), VARIANTS[name])
-    if environment.get("METRICS_BIND"):  # the settings name a multiprocess folder while they load
-        environment["PROMETHEUS_MULTIPROC_DIR"] = str(folder / f"print-config-{name}")
+    from the settings of this checkout (or of ``tree``) and the variant's environment
+    (nothing is started)."""
+    settings = VARIANTS[name] if tree is None else {**VARIANTS["on"], **environment(tree)}
+    variables = server_environment(url, *free_ports(2), settings)
+    if variables.get("METRICS_BIND"):  # the settings name a multiprocess folder while they load
+        variables["PROMETHEUS_MULTIPROC_DIR"] = str(folder / f"print-config-{name}")
     done = subprocess.run(
-        [str(GUNICORN), "-c", "gunicorn.conf.py", "--print-config", MODULE], cwd=ROOT, env=environment,
+        [str(GUNICORN), "-c", "gunicorn.conf.py", "--print-config", MODULE], cwd=tree or ROOT, env=variables,
         capture_output=True, text=True, timeout=60,
     )
     found = re.search(r"^accesslog\s*=\s*(.*)$", done.stdout, re.MULTILINE)
@@ -137,13 +144,13 @@ def check_served(served: Mapping[str, Mapping[str, Any]]) -> list[str]:
     failures = []
     for name, seen in served.items():
         answered, lines, counted = seen["requests"], seen["log_lines"], seen["metrics_counted"]
-        if name == "on":
+        if name in ("on", BASE):
             # The server counts requests wrk gave up waiting for at the end of a cell, so
             # it may count a few more than wrk saw answered, never fewer.
             if not answered <= lines <= answered * 1.01 + 50:
-                failures.append(f"on: {lines} request lines for {answered} post pages answered")
+                failures.append(f"{name}: {lines} request lines for {answered} post pages answered")
             if counted is None or not answered <= counted <= answered * 1.01 + 50:
-                failures.append(f"on: its exporter counted {counted} post pages for {answered} answered")
+                failures.append(f"{name}: its exporter counted {counted} post pages for {answered} answered")
         else:
             if lines:
                 failures.append(f"{name}: {lines} request lines in its log, expected none")
@@ -152,11 +159,17 @@ def check_served(served: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return failures
 
 
-def compare(url: URL, max_post_id: int, folder: Path, command: str, repeats: int, seconds: float) -> dict[str, Any]:
+def compare(url: URL, max_post_id: int, folder: Path, command: str, repeats: int, seconds: float,
+            base: tuple[Path, dict[str, str]] | None = None) -> dict[str, Any]:
+    """The variants side by side; with ``base`` (an extracted tree and its commit), also
+    ``on`` served from that tree."""
     started = time.monotonic()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
-    access_logs = {name: resolved_access_log(name, url, folder) for name in VARIANTS}
-    wrong = {name: value for name, value in access_logs.items() if value != ACCESS_LOG[name]}
+    variants = {**VARIANTS, **({BASE: {**VARIANTS["on"], **environment(base[0])}} if base else {})}
+    trees = {name: ROOT for name in VARIANTS} | ({BASE: base[0]} if base else {})
+    access_logs = {name: resolved_access_log(name, url, folder, None if trees[name] == ROOT else trees[name])
+                   for name in variants}
+    wrong = {name: value for name, value in access_logs.items() if value != ACCESS_LOG.get(name, ACCESS_LOG["on"])}
     if wrong:
         raise RuntimeError(f"gunicorn's accesslog is not what the variants need: {wrong}, expected {ACCESS_LOG}")
     measured = Results()
@@ -165,11 +178,11 @@ def compare(url: URL, max_post_id: int, folder: Path, command: str, repeats: int
     served: dict[str, dict[str, Any]] = {}
     imported: dict[str, dict[int, str]] = {}
     try:
-        for name, extra in VARIANTS.items():
-            servers.append(start_server(name, MODULE, url, folder, extra, tag="observability-"))
+        for name, extra in variants.items():
+            servers.append(start_server(name, MODULE, url, folder, extra, tag="observability-", cwd=trees[name]))
         warm_up = {server.name: loadgen.run(server.url, route, 1, 8).requests for server in servers}
         for server in servers:
-            imported[server.name] = checked_imports(server, ROOT)
+            imported[server.name] = checked_imports(server, trees[server.name])
         measure_interleaved(measured, "postgresql", servers, route, repeats, seconds)
         time.sleep(0.5)  # the last lines reach the log files
         for server in servers:
@@ -188,7 +201,8 @@ def compare(url: URL, max_post_id: int, folder: Path, command: str, repeats: int
         raise RuntimeError("a variant is not what its settings promise: " + "; ".join(failures))
     from bench.report import _fmt, ratio
 
-    for measured_name, control in PAIRS:
+    pairs = [*PAIRS, *([("on", BASE)] if base else [])]
+    for measured_name, control in pairs:
         log(f"{measured_name} / {control}, medians of {repeats} per-repeat ratios: worker CPU per request "
             f"{_fmt(ratio(measured.cells, measured_name, control, 'post', key='cpu_us_per_request'), 3)}x, "
             f"req/s {_fmt(ratio(measured.cells, measured_name, control, 'post'), 3)}x")
@@ -207,8 +221,10 @@ def compare(url: URL, max_post_id: int, folder: Path, command: str, repeats: int
         "load_generator": loadgen.tool(),
         "load_average": [load_at_start, [round(x, 2) for x in os.getloadavg()]],
         "total_seconds": round(time.monotonic() - started),
-        "variants": {name: {"settings": extra, "access_log": access_logs[name]} for name, extra in VARIANTS.items()},
-        "pairs": [list(pair) for pair in PAIRS],
+        "variants": {name: {"settings": {key: value for key, value in extra.items() if key != "PYTHONPATH"},
+                            "access_log": access_logs[name]} for name, extra in variants.items()},
+        "pairs": [list(pair) for pair in pairs],
+        "base": base[1] if base else None,
         "imported": {name: {str(pid): path for pid, path in paths.items()} for name, paths in imported.items()},
         "served": served,
         "cells": measured.cells,
@@ -227,18 +243,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="interleaved repeats, at least 5 (BENCH_OBSERVABILITY_REPEATS, 20)")
     parser.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", "2")),
                         help="seconds per cell (BENCH_SECONDS, 2)")
+    parser.add_argument("--base", help="also serve 'on' from this git revision, for a before/after of a change")
     options = parser.parse_args(argv)
     repeats = max(5, options.repeats)
-    command = f"python -m bench.observability --repeats {repeats} --seconds {options.seconds:g}"
+    command = f"python -m bench.observability --repeats {repeats} --seconds {options.seconds:g}" + (
+        f" --base {options.base}" if options.base else "")
     started = time.monotonic()
     server = postgres_server()
     if not reachable(server):
         raise SystemExit(f"PostgreSQL is not reachable at {make_url(server)!r}: set BENCH_POSTGRES_URL")
     with tempfile.TemporaryDirectory(prefix="myapp-bench-logs-") as logs, \
+            tempfile.TemporaryDirectory(prefix="myapp-observability-base-") as extracted, \
             throwaway_database("postgresql", server, name=f"{DATABASE}_observability") as url:
+        base = None
+        if options.base:
+            base = (Path(extracted), {**describe(extract(options.base, Path(extracted))), "revision": options.base})
+            log(f"base {options.base} = {base[1]['short']} ({base[1]['subject'][:60]}) extracted into {extracted}")
         log("PostgreSQL: migrating and seeding 1,000 users and 10,000 posts")
         seeded = migrate_and_seed(url)
-        results = compare(url, seeded.max_post_id, Path(logs), command, repeats, options.seconds)
+        results = compare(url, seeded.max_post_id, Path(logs), command, repeats, options.seconds, base)
         results["notes"] = traceback_notes(Path(logs))
     results["total_seconds"] = round(time.monotonic() - started)
     save(results)

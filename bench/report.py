@@ -459,7 +459,7 @@ def baseline_chart(baseline: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-OBSERVABILITY_COLOURS = {"on": "#1f6feb", "off": "#8b949e", "off-no-log": "#2da44e"}
+OBSERVABILITY_COLOURS = {"on": "#1f6feb", "off": "#8b949e", "off-no-log": "#2da44e", "base-on": "#d29922"}
 OBSERVABILITY_ROLES = {
     "on": "issue 18's defaults",
     "off": "the site before issue 18, as the bench always served it",
@@ -517,8 +517,10 @@ def observability_section(observability: dict[str, Any]) -> list[str]:
         seen = served.get(name, {})
         exporter = " (and `METRICS_BIND` a free port)" if seen.get("metrics_url") else ""
         counted = seen.get("metrics_counted")
+        base = observability.get("base") or {}
+        role = OBSERVABILITY_ROLES.get(name) or f"`on` served from `{base.get('short')}` (`--base {base.get('revision')}`)"
         lines.append(
-            f"| `{name}`: {OBSERVABILITY_ROLES.get(name, '')} | {_settings_text(variant['settings'])}{exporter} | "
+            f"| `{name}`: {role} | {_settings_text(variant['settings'])}{exporter} | "
             f"{'off' if variant['access_log'] == 'None' else '`' + variant['access_log'] + '`'} | "
             f"{seen.get('requests', 0):,} | {seen.get('log_lines', 0):,} | "
             f"{'no exporter' if counted is None else f'{counted:,}'} |"

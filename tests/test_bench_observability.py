@@ -121,6 +121,9 @@ def test_a_variant_that_is_not_what_its_settings_promise_is_refused() -> None:
     assert check_served(_served(on={"metrics_counted": 10_000})) != []  # one worker's files alone
     assert check_served(_served(off={"log_lines": 19_000})) == ["off: 19000 request lines in its log, expected none"]
     assert check_served(_served(off_no_log={"metrics_counted": 0})) == ["off-no-log: serves metrics, expected no exporter"]
+    # --base: "on" served from another tree is held to what "on" promises.
+    with_base = {**_served(), "base-on": {"requests": 100, "log_lines": 0, "metrics_counted": 100}}
+    assert check_served(with_base) == ["base-on: 0 request lines for 100 post pages answered"]
 
 
 def _results(cpu: dict[str, list[float]]) -> dict[str, Any]:
