@@ -863,6 +863,7 @@ FLAMES = (
     ("post-after", "myapp's post page after them"),
     ("post-psycopg-raw", "the raw psycopg peer's post page"),
     ("post-obs-on", "myapp's post page with issue 18's request line and metrics on (`--app obs-on`)"),
+    ("post-obs-off", "the same with them off and gunicorn's access log to /dev/null (`--app obs-off`)"),
 )
 
 
