@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test test-fast lint migrate clean bench bench-baseline bench-replicas bench-galera bench-flame reliability
+.PHONY: run test test-fast lint migrate clean bench bench-baseline bench-observability bench-replicas bench-galera bench-flame reliability
 
 # Reinstall when the dependency list changes.
 $(STAMP): setup.cfg pyproject.toml
@@ -46,6 +46,7 @@ bench: $(BENCH_STAMP)
 	command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || true
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.baseline
+	$(BIN)/python -m bench.observability
 	if [ "$(BENCH_REPLICAS)" = 1 ]; then $(BIN)/python -m bench.replicas; fi
 
 # The post page against the commit before the database layer's redesign (bench/baseline.py),
@@ -53,6 +54,14 @@ bench: $(BENCH_STAMP)
 bench-baseline: $(BENCH_STAMP)
 	command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || true
 	$(BIN)/python -m bench.baseline
+
+# What issue 18's request line and metrics cost on the post page (bench/observability.py):
+# on (its defaults) against off, and against off without any access log, served side by
+# side; alone: `make bench` runs it too. OBSERVABILITY_ARGS passes its options, e.g.
+# OBSERVABILITY_ARGS='--repeats 20 --seconds 3'.
+bench-observability: $(BENCH_STAMP)
+	command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || true
+	$(BIN)/python -m bench.observability $(OBSERVABILITY_ARGS)
 
 # Flame graphs of one served route (bench/flame.py): py-spy (needs root or ptrace rights) on
 # every gunicorn worker under load; writes docs/flame/<label>.svg and .md. FLAME_ARGS passes

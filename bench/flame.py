@@ -1,7 +1,8 @@
 """Flame graphs of one route as gunicorn serves it: py-spy on every worker under load.
 
-    python -m bench.flame [--app myapp|fsa|psycopg|bare] [--route post|index|healthz|create]
-                          [--rev GITREV] [--seconds 20] [--rate 200] [--all-active] [--label NAME]
+    python -m bench.flame [--app myapp|fsa|psycopg|bare|obs-on|obs-off|obs-off-no-log]
+                          [--route post|index|healthz|create] [--rev GITREV] [--seconds 20]
+                          [--rate 200] [--all-active] [--inclusive TEXT ...] [--label NAME]
 
 ``make bench-flame FLAME_ARGS='...'`` runs it. Issue 17: profile the served post page
 before optimising it. The app is served exactly as ``make bench`` serves it (the
@@ -14,7 +15,10 @@ After a warm-up the route is loaded (wrk, or ``bench/loadgen.py``'s client) whil
 the GIL, so the samples show where the workers' Python code spends CPU (py-spy's own idle
 test counts threads waiting for the database as busy; ``--all-active`` keeps it). The
 workers' stacks are merged into ``docs/flame/<label>.svg`` (``bench/flamegraph.py``) and ``docs/flame/<label>.md``:
-requests, worker CPU per request (from /proc) and the costs by layer and by function.
+requests, worker CPU per request (from /proc) and the costs by layer and by function, and
+with ``--inclusive TEXT`` the samples whose stack passes through a frame naming TEXT.
+The ``obs-*`` apps are ``bench/observability.py``'s variants (issue 18's request line and
+metrics on, off, off without any access log), served with their settings.
 """
 
 from __future__ import annotations
@@ -45,10 +49,11 @@ from bench.run import (
     migrate_and_seed, postgres_server, reachable, routes_for, start_server, stop_server, throwaway_database,
     traceback_notes,
 )
-from bench.stacks import LAYER_NAMES, Stack, by_layer, fold, layer_of, merge, self_time
+from bench.stacks import LAYER_NAMES, Stack, by_layer, fold, inclusive, layer_of, merge, self_time
 
 OUT = ROOT / "docs" / "flame"
 CHOICES = {"myapp": "myapp", "fsa": "flask-sqlalchemy", "psycopg": "psycopg", "bare": "bare-flask"}
+OBSERVED = {"obs-on": "on", "obs-off": "off", "obs-off-no-log": "off-no-log"}  # bench/observability.py's VARIANTS
 TOP_FUNCTIONS = 15
 
 
@@ -62,6 +67,7 @@ class Options:
     gil: bool
     label: str
     argv: list[str]
+    inclusive: tuple[str, ...] = ()
 
 
 @dataclass
@@ -78,7 +84,7 @@ class Recording:
 
 def parse(argv: list[str]) -> Options:
     parser = argparse.ArgumentParser(prog="python -m bench.flame", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--app", choices=sorted(CHOICES), default="myapp")
+    parser.add_argument("--app", choices=sorted([*CHOICES, *OBSERVED]), default="myapp")
     parser.add_argument("--route", choices=("post", "index", "healthz", "create"), default="post")
     parser.add_argument("--rev", help="serve this git revision of myapp (extracted as bench/baseline.py does)")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the profiled load (20)")
@@ -86,6 +92,9 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--all-active", action="store_true",
                         help="sample every thread py-spy deems active (its default), not only the GIL holder")
     parser.add_argument("--label", help="output name under docs/flame/ (default <route>-<app>)")
+    parser.add_argument("--inclusive", action="append", default=[], metavar="TEXT",
+                        help="also count the samples whose stack passes through a frame naming TEXT (a file such "
+                             "as myapp/observability.py, or a function); repeatable")
     args = parser.parse_args(argv)
     if args.rev and args.app != "myapp":
         parser.error("--rev serves a revision of myapp: use it with --app myapp")
@@ -94,7 +103,8 @@ def parse(argv: list[str]) -> Options:
     label = args.label or f"{args.route}-{args.app}" + (f"-{args.rev}" if args.rev else "")
     if not re.fullmatch(r"[\w.-]+", label):
         parser.error(f"--label {label!r}: letters, digits, '.', '-' and '_' only")
-    return Options(args.app, args.route, args.rev, args.seconds, args.rate, not args.all_active, label, argv)
+    return Options(args.app, args.route, args.rev, args.seconds, args.rate, not args.all_active, label, argv,
+                   tuple(args.inclusive))
 
 
 def _head() -> dict[str, Any]:
@@ -107,7 +117,13 @@ def _head() -> dict[str, Any]:
 def served(options: Options, url: URL, folder: Path) -> Iterator[tuple[Server, dict[str, Any]]]:
     """The chosen app under gunicorn, and a description of the code it runs; stopped at the end."""
     if options.rev is None:
-        module, _, extra = APPS[CHOICES[options.app]]
+        if options.app in OBSERVED:
+            from bench.observability import MODULE as OBSERVED_MODULE
+            from bench.observability import VARIANTS
+
+            module, extra = OBSERVED_MODULE, VARIANTS[OBSERVED[options.app]]
+        else:
+            module, _, extra = APPS[CHOICES[options.app]]
         server = start_server(options.app, module, url, folder, extra, tag="flame-")
         try:
             yield server, _head()
@@ -236,6 +252,16 @@ def function_table(stacks: Counter[Stack]) -> list[str]:
     return rows
 
 
+def inclusive_table(stacks: Counter[Stack], parts: tuple[str, ...]) -> list[str]:
+    """For each of ``parts``, the samples whose stack passes through a frame naming it."""
+    total = max(sum(stacks.values()), 1)
+    rows = ["| frames naming | samples (with callees) | share |", "|---|---:|---:|"]
+    for part in parts:
+        count = inclusive(stacks, part)
+        rows.append(f"| `{part.replace('|', chr(92) + '|')}` | {count} | {100 * count / total:.1f} % |")
+    return rows
+
+
 def header(options: Options, recording: Recording, source: dict[str, Any], load: list[list[float]]) -> list[str]:
     """What was served and measured, for the summary's first lines."""
     cell, busy, workers = recording.cell, sum(recording.busy.values()), len(recording.busy)
@@ -298,6 +324,9 @@ def summary(options: Options, recording: Recording, source: dict[str, Any], load
     mode = "GIL holder" if options.gil else "active threads"
     lines += ["", f"## Top costs by layer (self time, {mode})", "", *layer_table(recording.stacks)]
     lines += ["", f"## Top {TOP_FUNCTIONS} functions by self time", "", *function_table(recording.stacks)]
+    if options.inclusive:
+        lines += ["", "## Inclusive samples of chosen code (its callees included)", "",
+                  *inclusive_table(recording.stacks, options.inclusive)]
     lines += EXPLAIN
     notes = recording.lags + notes
     lines += ["", "## Notes", "", *(f"- {note}" for note in notes or ["py-spy kept its rate; no tracebacks in the server log."])]

@@ -1,8 +1,9 @@
 """Turn a run's results into ``docs/performance.md`` and ``docs/performance.png``.
 
 ``python -m bench.report`` rewrites both from ``bench/results/latest.json`` without
-measuring again, with the sections of ``bench/baseline.py``, ``bench/replicas.py`` and
-``bench/galera.py`` from their own results files (and the charts of the first and last);
+measuring again, with the sections of ``bench/baseline.py``, ``bench/observability.py``,
+``bench/replicas.py`` and ``bench/galera.py`` from their own results files (and the
+charts of all but the replicas');
 the hand-written part (what was tried, profiles) is ``bench/notes.md``.
 """
 
@@ -25,6 +26,8 @@ GALERA_RESULTS = ROOT / "bench" / "results" / "galera.json"  # bench/galera.py
 GALERA_CHART = ROOT / "docs" / "performance-galera.png"
 BASELINE_RESULTS = ROOT / "bench" / "results" / "baseline.json"  # bench/baseline.py
 BASELINE_CHART = ROOT / "docs" / "performance-baseline.png"
+OBSERVABILITY_RESULTS = ROOT / "bench" / "results" / "observability.json"  # bench/observability.py
+OBSERVABILITY_CHART = ROOT / "docs" / "performance-observability.png"
 
 APPS = (
     "myapp", "flask-sqlalchemy", "flask-docs", "psycopg", "bare-flask",
@@ -401,6 +404,33 @@ def _in_process_lines(in_process: dict[str, list[float]] | None) -> list[str]:
     ]
 
 
+def _per_repeat_lines(axis: Any, cells: list[dict[str, Any]], key: str, title: str,
+                      sides: dict[str, tuple[str, str]]) -> None:
+    """One line per side (``sides``: name -> (label, colour)) of ``key`` in each repeat."""
+    for side, (label, colour) in sides.items():
+        mine = sorted((c["repeat"], c[key]) for c in cells if c["app"] == side and c.get(key) is not None)
+        axis.plot([r for r, _ in mine], [v for _, v in mine], "o-", color=colour, label=label)
+    axis.set_title(f"GET /posts/<id>: {title}, each repeat", fontsize=9)
+    axis.set_xlabel("repeat", fontsize=8)
+    axis.set_ylim(bottom=0)
+    axis.legend(fontsize=7, loc="lower right")
+    axis.tick_params(labelsize=8)
+
+
+def _ratio_column(axis: Any, position: float, ratios: list[float], colour: str) -> None:
+    """Per-repeat ratios as dots at ``position``, their median as a bar and the median's
+    interval (``median_interval``) as a band beside it."""
+    axis.plot([position] * len(ratios), ratios, "o", color="black", markersize=4, alpha=0.6)
+    if not ratios:
+        return
+    middle = statistics.median(ratios)
+    axis.hlines(middle, position - 0.25, position + 0.25, color=colour, linewidth=2)
+    interval = median_interval(ratios)
+    if interval is not None:  # the median's interval (>= 95 % coverage when there are enough repeats)
+        axis.vlines(position + 0.3, interval[0], interval[1], color=colour, linewidth=4, alpha=0.35)
+    axis.annotate(f"{middle:.2f}x", (position + 0.36, middle), va="center", fontsize=8)
+
+
 def baseline_chart(baseline: dict[str, Any]) -> None:
     import matplotlib
 
@@ -410,26 +440,12 @@ def baseline_chart(baseline: dict[str, Any]) -> None:
     cells, short = baseline["cells"], baseline["baseline"]["short"]
     colours = {"current": "#1f6feb", "baseline": "#8b949e"}
     labels = {"current": f"current ({baseline['current']['short']})", "baseline": f"baseline ({short})"}
+    sides = {side: (labels[side], colours[side]) for side in ("current", "baseline")}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for axis, key, title in ((axes[0], "rps", "req/s"), (axes[1], "cpu_us_per_request", "worker CPU µs/request")):
-        for side in ("current", "baseline"):
-            mine = sorted((c["repeat"], c[key]) for c in cells if c["app"] == side and c.get(key) is not None)
-            axis.plot([r for r, _ in mine], [v for _, v in mine], "o-", color=colours[side], label=labels[side])
-        axis.set_title(f"GET /posts/<id>: {title}, each repeat", fontsize=9)
-        axis.set_xlabel("repeat", fontsize=8)
-        axis.set_ylim(bottom=0)
-        axis.legend(fontsize=7, loc="lower right")
-        axis.tick_params(labelsize=8)
+        _per_repeat_lines(axis, cells, key, title, sides)
     for n, (key, label) in enumerate((("rps", "req/s"), ("cpu_us_per_request", "CPU/request"))):
-        ratios = per_repeat_ratios(cells, "current", "baseline", "post", key=key)
-        axes[2].plot([n] * len(ratios), ratios, "o", color="black", markersize=4, alpha=0.6)
-        if ratios:
-            middle = statistics.median(ratios)
-            axes[2].hlines(middle, n - 0.25, n + 0.25, color=colours["current"], linewidth=2)
-            interval = median_interval(ratios)
-            if interval is not None:  # the median's interval (>= 95 % coverage when there are enough repeats)
-                axes[2].vlines(n + 0.3, interval[0], interval[1], color=colours["current"], linewidth=4, alpha=0.35)
-            axes[2].annotate(f"{middle:.2f}x", (n + 0.36, middle), va="center", fontsize=8)
+        _ratio_column(axes[2], n, per_repeat_ratios(cells, "current", "baseline", "post", key=key), colours["current"])
     axes[2].axhline(1.0, color="#8b949e", linestyle="--", linewidth=1)
     axes[2].set_xticks([0, 1], ["req/s\n(higher is better)", "worker CPU/request\n(lower is better)"], fontsize=8)
     axes[2].set_xlim(-0.6, 1.8)
@@ -440,6 +456,157 @@ def baseline_chart(baseline: dict[str, Any]) -> None:
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(BASELINE_CHART, dpi=110)
+    plt.close(fig)
+
+
+OBSERVABILITY_COLOURS = {"on": "#1f6feb", "off": "#8b949e", "off-no-log": "#2da44e", "base-on": "#d29922"}
+OBSERVABILITY_ROLES = {
+    "on": "issue 18's defaults",
+    "off": "the site before issue 18, as the bench always served it",
+    "off-no-log": "stricter control: no request line at all",
+}
+
+
+def _settings_text(settings: dict[str, str | None]) -> str:
+    shown = [f"`{name}={value}`" if value is not None else f"`{name}` unset"
+             for name, value in settings.items() if name != "DATABASE_APP_NAME"]
+    return ", ".join(shown)
+
+
+def observability_verdict(observability: dict[str, Any]) -> tuple[float | None, bool | None]:
+    """Issue 18's overhead goal: the median of the per-repeat on / off ratios of worker CPU
+    per request, and whether it is at most the goal (None: not measured)."""
+    cells = observability["cells"]
+    cpu = per_repeat_ratios(cells, "on", "off", "post", key="cpu_us_per_request")
+    if not cpu:
+        return None, None
+    middle = statistics.median(cpu)
+    return middle, middle <= observability["goal"]
+
+
+def observability_section(observability: dict[str, Any]) -> list[str]:
+    """Issue 18's request line and metrics on against off on the post page
+    (``bench/observability.py``, in ``make bench`` or a run of its own)."""
+    cells, current, goal = observability["cells"], observability["current"], observability["goal"]
+    here = f"`{current['short']}`" + (" with uncommitted changes" if current["uncommitted_changes"] else "")
+    served = observability["served"]
+    lines = [
+        "",
+        "## Request log and metrics on and off (issue 18, the post page, PostgreSQL)",
+        "",
+        f"`{observability['command']}` ({observability['date']}, {observability['total_seconds']} s; "
+        f"`bench/observability.py`, also run by `make bench`): `GET /posts/<id>` (random ids) of this checkout "
+        f"({here}) served by {len(observability['variants'])} gunicorn servers with the project's `gunicorn.conf.py` "
+        f"({observability['workers']} workers x {observability['threads']} threads, the fault-handling defaults on) "
+        "on the same seeded PostgreSQL database, all serving `bench/observed_wsgi.py` (the bench's myapp, CSRF off). "
+        "They differ by the settings below alone; every server has its own port and, where the exporter is on, "
+        "its own `METRICS_BIND` port (its master then names its own multiprocess folder, and the workers write "
+        "their figures there). gunicorn's access log is its `accesslog` setting as `gunicorn --print-config` "
+        "resolves it for that environment. "
+        f"{observability['load_generator']} with {observability['connections']} connections, "
+        f"{observability['seconds']:g} s cells, {observability['repeats']} repeats, the servers taking turns in "
+        "an order that rotates each repeat (`run.measure_interleaved`). Worker CPU is the user + system time "
+        "of the gunicorn workers (from /proc) over a cell, divided by its requests. Load average "
+        f"{observability['load_average'][0]} at the start, {observability['load_average'][1]} at the end.",
+        "",
+        "| variant | settings | gunicorn's access log | post pages answered (wrk) | the app's request lines "
+        "in the server's log | post pages counted by its `/metrics` |",
+        "|---|---|---|--:|--:|--:|",
+    ]
+    for name, variant in observability["variants"].items():
+        seen = served.get(name, {})
+        exporter = " (and `METRICS_BIND` a free port)" if seen.get("metrics_url") else ""
+        counted = seen.get("metrics_counted")
+        base = observability.get("base") or {}
+        role = OBSERVABILITY_ROLES.get(name) or f"`on` served from `{base.get('short')}` (`--base {base.get('revision')}`)"
+        lines.append(
+            f"| `{name}`: {role} | {_settings_text(variant['settings'])}{exporter} | "
+            f"{'off' if variant['access_log'] == 'None' else '`' + variant['access_log'] + '`'} | "
+            f"{seen.get('requests', 0):,} | {seen.get('log_lines', 0):,} | "
+            f"{'no exporter' if counted is None else f'{counted:,}'} |"
+        )
+    lines += [
+        "",
+        f"![the post page, request log and metrics on and off, per repeat]({OBSERVABILITY_CHART.name})",
+        "",
+        "| variant | req/s (median) | worker CPU µs/request (median) | p50 ms | p99 ms | errors |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for name in observability["variants"]:
+        mine = [c for c in cells if c["app"] == name]
+        if not mine:
+            continue
+        cpus = [c["cpu_us_per_request"] for c in mine if c.get("cpu_us_per_request") is not None]
+        lines.append(
+            f"| `{name}` | {statistics.median(c['rps'] for c in mine):.0f} | "
+            f"{_fmt(statistics.median(cpus) if cpus else None, 0)} | {statistics.median(c['p50_ms'] for c in mine):.2f} | "
+            f"{statistics.median(c['p99_ms'] for c in mine):.2f} | {sum(c['errors'] for c in mine)} |"
+        )
+    lines += [
+        "",
+        "| ratio | median of the per-repeat ratios | interval of that median (its coverage) | lowest – highest repeat |",
+        "|---|--:|--:|--:|",
+    ]
+    for measured, control in observability["pairs"]:
+        for key, label in (("cpu_us_per_request", "worker CPU per request (lower is better)"),
+                           ("rps", "req/s (higher is better)")):
+            ratios = per_repeat_ratios(cells, measured, control, "post", key=key)
+            lines.append(
+                f"| `{measured}` / `{control}`: {label} | {_change(statistics.median(ratios) if ratios else None)} | "
+                f"{_interval(ratios)} | {_fmt(min(ratios, default=None))} – {_fmt(max(ratios, default=None))} |"
+            )
+    middle, met = observability_verdict(observability)
+    if middle is not None:
+        cpu = per_repeat_ratios(cells, "on", "off", "post", key="cpu_us_per_request")
+        interval = median_interval(cpu)
+        lines += [
+            "",
+            f"**Goal (issue 18, point 3): logs plus metrics on cost at most {(goal - 1) * 100:.0f} % more worker CPU "
+            f"per request than off (`on` / `off` <= {goal:.2f}x): {'met' if met else 'not met'}** "
+            f"(`on` / `off` {_change(middle)})."
+            + ("" if interval is None else
+               f" The interval of that median, {interval[0]:.2f} – {interval[1]:.2f}, "
+               + (f"lies under {goal:.2f}x." if interval[1] <= goal else
+                  f"lies over {goal:.2f}x." if interval[0] > goal else
+                  f"straddles {goal:.2f}x: this run cannot tell on which side of the goal the cost is.")),
+        ]
+    if any(c.get("workers_replaced") for c in cells):
+        lines.append("A worker was replaced during at least one cell: that cell's CPU misses the replaced worker.")
+    for note in observability.get("notes", []):
+        lines += ["", f"Note: {note}"]
+    return lines
+
+
+def observability_chart(observability: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells, goal = observability["cells"], observability["goal"]
+    sides = {name: (name, OBSERVABILITY_COLOURS.get(name, "#d29922")) for name in observability["variants"]}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for axis, key, title in ((axes[0], "cpu_us_per_request", "worker CPU µs/request"), (axes[1], "rps", "req/s")):
+        _per_repeat_lines(axis, cells, key, title, sides)
+    columns = [(measured, control, key) for measured, control in observability["pairs"]
+               for key in ("cpu_us_per_request", "rps")]
+    for n, (measured, control, key) in enumerate(columns):
+        _ratio_column(axes[2], n, per_repeat_ratios(cells, measured, control, "post", key=key),
+                      OBSERVABILITY_COLOURS.get(control, "#1f6feb"))
+    axes[2].axhline(1.0, color="#8b949e", linestyle="--", linewidth=1)
+    axes[2].axhline(goal, color="#cf222e", linestyle=":", linewidth=1, label=f"goal: CPU <= {goal:.2f}x")
+    axes[2].set_xticks(range(len(columns)), [
+        f"{measured} / {control}\n{'CPU/request' if key != 'rps' else 'req/s'}" for measured, control, key in columns
+    ], fontsize=7)
+    axes[2].set_xlim(-0.6, len(columns) - 0.2)
+    axes[2].set_title("ratios: dots per repeat, bar median,\nband its interval (order statistics)", fontsize=9)
+    axes[2].legend(fontsize=7, loc="lower left")
+    axes[2].tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"Request log and metrics on and off, GET /posts/<id>, PostgreSQL, gunicorn {observability['workers']} "
+                 f"workers x {observability['threads']} threads, {observability['repeats']} interleaved repeats",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(OBSERVABILITY_CHART, dpi=110)
     plt.close(fig)
 
 
@@ -695,6 +862,8 @@ FLAMES = (
     ("post-before", "myapp's post page before issue 17's changes"),
     ("post-after", "myapp's post page after them"),
     ("post-psycopg-raw", "the raw psycopg peer's post page"),
+    ("post-obs-on", "myapp's post page with issue 18's request line and metrics on (`--app obs-on`)"),
+    ("post-obs-off", "the same with them off and gunicorn's access log to /dev/null (`--app obs-off`)"),
 )
 
 
@@ -765,6 +934,9 @@ def write(results: dict[str, Any], main_chart: bool = True) -> None:
     if has_postgresql:
         lines += postgres_sections(results)
         lines += faults_section(results)
+    observability = json.loads(OBSERVABILITY_RESULTS.read_text()) if OBSERVABILITY_RESULTS.exists() else None
+    if observability is not None:
+        lines += observability_section(observability)
     for backend in ("mysql", "sqlite"):
         if any(c["backend"] == backend for c in results["cells"]):
             raw_label = RAW[backend][1]
@@ -800,6 +972,8 @@ def write(results: dict[str, Any], main_chart: bool = True) -> None:
         galera_chart(galera)
     if baseline is not None:
         baseline_chart(baseline)
+    if observability is not None:
+        observability_chart(observability)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -179,6 +179,7 @@ class Server:
     process: subprocess.Popen[bytes]
     url: str
     log: Path
+    metrics_url: str = ""  # its master's exporter (METRICS_BIND); "" when it serves none
 
     def workers(self) -> list[psutil.Process]:
         return psutil.Process(self.process.pid).children()
@@ -195,15 +196,30 @@ class Server:
         return seconds
 
 
-def start_server(
-    name: str, module: str, database_url: URL, folder: Path, extra: dict[str, str], tag: str = "", cwd: Path = ROOT
-) -> Server:
-    """gunicorn with the ``gunicorn.conf.py`` of ``cwd`` (the project's), on a free loopback port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    environment = {
-        **os.environ,
+def free_ports(count: int) -> list[int]:
+    """``count`` free loopback ports, all different: each socket stays bound until every
+    port is picked, so the kernel cannot hand the same one out twice."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def server_environment(
+    database_url: URL, port: int, metrics_port: int, extra: Mapping[str, str | None]
+) -> dict[str, str]:
+    """What a bench server runs with: this process's environment, the bench's settings,
+    then ``extra``, where None removes a variable (so that the gunicorn settings' own
+    default applies). Servers run side by side, so each master serves its workers'
+    metrics on a port of its own (``METRICS_BIND``; "" in ``extra`` turns the exporter
+    off), and each names its own multiprocess folder: a ``PROMETHEUS_MULTIPROC_DIR``
+    inherited by all would be emptied by every master that starts, and summed over servers."""
+    environment = {name: value for name, value in os.environ.items() if name != "PROMETHEUS_MULTIPROC_DIR"}
+    environment.update({
         "DATABASE_URL": database_url.render_as_string(hide_password=False),
         "SECRET_KEY": SECRET_KEY,
         "FLASK_DEBUG": "0",
@@ -212,15 +228,33 @@ def start_server(
         "GUNICORN_THREADS": str(THREADS),
         "GUNICORN_ACCESS_LOG": "/dev/null",
         "DATABASE_APP_NAME": "myapp-bench",
-        **extra,
-    }
+        "METRICS_BIND": f"127.0.0.1:{metrics_port}",
+    })
+    for name, value in extra.items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
+    return environment
+
+
+def start_server(
+    name: str, module: str, database_url: URL, folder: Path, extra: Mapping[str, str | None], tag: str = "",
+    cwd: Path = ROOT,
+) -> Server:
+    """gunicorn with the ``gunicorn.conf.py`` of ``cwd`` (the project's), on a free loopback
+    port, its metrics on another (``server_environment``)."""
+    port, metrics_port = free_ports(2)
+    environment = server_environment(database_url, port, metrics_port, extra)
     log_file = folder / f"{tag}{name}.log"
     with log_file.open("wb") as sink:
         process = subprocess.Popen(
             [str(GUNICORN), "-c", "gunicorn.conf.py", "--no-control-socket", module],
             cwd=cwd, env=environment, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
-    server = Server(name, process, f"http://127.0.0.1:{port}", log_file)
+    metrics_bind = environment.get("METRICS_BIND", "")
+    metrics_url = f"http://{metrics_bind}/metrics" if metrics_bind else ""
+    server = Server(name, process, f"http://127.0.0.1:{port}", log_file, metrics_url)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:

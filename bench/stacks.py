@@ -103,3 +103,9 @@ def self_time(stacks: Counter[Stack]) -> Counter[str]:
         name = f"{match.group('function')} ({match.group('file')})" if match else stack[-1]
         functions[name] += count
     return functions
+
+
+def inclusive(stacks: Counter[Stack], part: str) -> int:
+    """Samples whose stack passes through a frame containing ``part`` (in its function's
+    name or its file): that code's time with its callees', each sample counted once."""
+    return sum(count for stack, count in stacks.items() if any(part in frame for frame in stack))

@@ -79,3 +79,13 @@ def test_the_svg_is_well_formed_and_drawn_to_scale() -> None:
     assert float(wsgi.attrib["x"]) <= float(execute.attrib["x"])
     right_end = float(wsgi.attrib["x"]) + widths["Flask.wsgi_app"]
     assert float(execute.attrib["x"]) + widths["Session.execute"] <= right_end + 0.01
+
+
+def test_inclusive_samples_count_each_stack_once_through_any_frame_naming_the_text() -> None:
+    from bench.stacks import inclusive
+
+    stacks = merge([fold(WORKER_1), fold(WORKER_2)])  # 10 through the cursor, 3 in execute alone, 5 rendering
+    assert inclusive(stacks, "Session.execute") == 13  # with its callees
+    assert inclusive(stacks, "psycopg/cursor.py") == 10  # by file
+    assert inclusive(stacks, "flask/app.py") == 18  # every stack, each once
+    assert inclusive(stacks, "myapp/observability.py") == 0
