@@ -34,7 +34,8 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 20
 # The app's own line per request (REQUEST_LOG, on by default) carries what gunicorn's
 # access log does and more: gunicorn's stays off unless asked for.
-_app_logs_requests = os.environ.get("REQUEST_LOG", "true").lower() not in ("0", "false", "no", "off")
+# (Read as myapp.config reads it: "" is false. A value it refuses stops on_starting.)
+_app_logs_requests = os.environ.get("REQUEST_LOG", "true").strip().lower() in ("1", "true", "yes", "on")
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", None if _app_logs_requests else "-")
 preload_app = os.environ.get("GUNICORN_PRELOAD", "").lower() in ("1", "true", "yes")
 

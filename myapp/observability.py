@@ -100,7 +100,10 @@ def _finisher(record_metrics: bool, line: Callable[[_Request, Response, float], 
         if metrics is not None:
             metrics.record(response.status_code, seconds, current.stats)
         if line is not None and log.isEnabledFor(logging.INFO):
-            log.info(line(current, response, seconds))
+            # A record made here, not by log.info(): that one walks the stack to find
+            # the caller, which no line of ours shows.
+            log.handle(logging.LogRecord(log.name, logging.INFO, __file__, 0, line(current, response, seconds),
+                                         None, None))
         return response
 
     return finish
@@ -139,10 +142,20 @@ def _text_line(current: _Request, response: Response, seconds: float) -> str:
     """What a client sent (its path, its forwarded address) is escaped: a %0A in a URL
     must not start a line of its own in the log."""
     stats = current.stats
-    return (f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {_escaped(request.remote_addr or '-')} "
+    return (f"{_now()} {_escaped(request.remote_addr or '-')} "
             f'"{request.method} {_escaped(request.full_path.rstrip("?"))}" '
             f"{request.endpoint or '-'} {response.status_code} {seconds * 1000:.1f}ms "
             f"db={stats.statements}/{stats.db_seconds * 1000:.1f}ms reads={_where_reads_went(stats)} id={current.id}")
+
+
+_stamp: list[Any] = [0, ""]  # (second, its text): a busy worker formats each second once
+
+
+def _now() -> str:
+    second = int(time.time())
+    if second != _stamp[0]:
+        _stamp[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))]
+    return str(_stamp[1])
 
 
 def _escaped(text: str) -> str:
@@ -153,7 +166,7 @@ def _escaped(text: str) -> str:
 def _json_line(current: _Request, response: Response, seconds: float) -> str:
     stats = current.stats
     return json.dumps({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "id": current.id,
+        "time": _now(), "id": current.id,
         "remote_addr": request.remote_addr, "method": request.method, "path": request.full_path.rstrip("?"),
         "endpoint": request.endpoint, "status": response.status_code, "duration_ms": round(seconds * 1000, 2),
         "statements": stats.statements, "db_ms": round(stats.db_seconds * 1000, 2),

@@ -219,12 +219,17 @@ def _time_statements(engine: Engine, histogram: Any) -> None:
 
 def _count_checked_out(engine: Engine, pool: MeasuredPool, server: str) -> None:
     """Counted by the events themselves: the pool's own count still includes a
-    connection while its checkin event runs."""
+    connection while its checkin event runs. The overflow is written when it changes
+    (rarely): each write is a locked write to the worker's metrics file."""
     checked_out, overflow = POOL_CHECKED_OUT.labels(server), POOL_OVERFLOW.labels(server)
+    last_overflow = [0]
 
     def out(*args: Any) -> None:
         checked_out.inc()
-        overflow.set(max(0, pool.overflow()))
+        now = max(0, pool.overflow())
+        if now != last_overflow[0]:
+            last_overflow[0] = now
+            overflow.set(now)
 
     def back(*args: Any) -> None:
         checked_out.dec()
