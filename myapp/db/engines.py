@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool, StaticPool
 
 from .config import DatabaseSettings, is_memory
+from .hosts import prefer_the_last_good_host
 from .metrics import MeasuredPool
 
 # The execution option of a session's bind whose request promises not to write.
@@ -107,6 +108,7 @@ def _install_backend_events(engine: Engine, settings: DatabaseSettings, *, probe
     _name_connections(engine, settings.app_name)
     if backend != "postgresql":
         return
+    prefer_the_last_good_host(engine)  # a URL that lists several hosts
     if not replica:
         _discard_connections_to_a_read_only_server(engine)
     if not probe:

@@ -182,6 +182,8 @@ ALLOWED = [
             "SQLAlchemy documents ConnectionPoolEntry.info as the user's dictionary on a pooled connection"),
     Allowed("myapp/db/engines.py", "cparams[...]",
             "SQLAlchemy documents modifying cparams in place in a do_connect listener"),
+    Allowed("myapp/db/hosts.py", "cparams[...]",
+            "SQLAlchemy documents modifying cparams in place in a do_connect listener (the hosts' order)"),
     Allowed("myapp/db/engines.py", "context.is_disconnect", _IS_DISCONNECT),
     Allowed("myapp/db/galera.py", "context.is_disconnect", _IS_DISCONNECT),
     Allowed("myapp/db/engines.py", "dbapi_connection.isolation_level",
