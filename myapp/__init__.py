@@ -16,7 +16,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     config.load_config(app, test_config)
 
-    from . import auth, cli, errors, health, login_limits, observability, posts, security
+    from . import auth, cli, errors, health, login_limits, observability, posts, read_only, security
     from .db import db
 
     # First: the after_request hook registered first runs last, after any that replaces
@@ -27,6 +27,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     db.init_app(app)
     auth.init_app(app)
     errors.init_app(app)
+    read_only.init_app(app)
     cli.init_app(app)
     login_limits.init_app(app)
 

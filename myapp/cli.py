@@ -127,7 +127,10 @@ def db_status() -> None:
     click.echo(f"{'url':<9}{mask_url(engine.url)}")
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     breaker = db.breaker_status()  # before this command's own statements succeed and close it
-    latency = db.ping()
+    try:
+        latency = db.ping()
+    except SQLAlchemyError as error:
+        _degraded_or_raise(error)
     current = _current_revision()
     pool = engine.pool
     rows = [
@@ -146,6 +149,20 @@ def db_status() -> None:
             f"{'galera':<9}node {cluster['node']} {cluster['state']}, {cluster['cluster_status']} component of "
             f"{cluster['cluster_size']} nodes ({cluster['mode']})"
         )
+
+
+def _degraded_or_raise(error: SQLAlchemyError) -> None:
+    """The primary did not answer: with a healthy replica the site is read-only, which
+    this says (exit status 1: something needs doing); otherwise the error's one line."""
+    replicas = db.replica_status(check=True) or []
+    healthy = [replica for replica in replicas if replica["state"] == "healthy"]
+    if not healthy:
+        raise error
+    click.echo(f"{'status':<9}degraded: read-only from replica {healthy[0]['replica']} "
+               f"(the primary: {describe_error(error)})")
+    for replica in replicas:
+        click.echo(f"{'replica':<9}{_describe_replica(replica)}")
+    raise SystemExit(1)
 
 
 def _describe_replica(status: dict[str, Any]) -> str:

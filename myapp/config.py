@@ -54,6 +54,7 @@ ENVIRONMENT_SETTINGS: dict[str, Callable[[str], Any]] = {
     "DATABASE_REPLICA_CHECK_INTERVAL": float,
     "DATABASE_REPLICA_MAX_LAG": str,
     "DATABASE_READ_FROM_HEADER": _as_bool,
+    "DATABASE_READ_ONLY_MODE": _as_bool,
     "DATABASE_GALERA": str,
     "DATABASE_GALERA_SYNC_WAIT": int,
     "SQLITE_BUSY_TIMEOUT": float,
@@ -135,6 +136,11 @@ DEFAULTS: dict[str, Any] = {
     # MyappReplicaLagging (past these figures for 1 min; alerts.yml repeats them: change
     # both) and MyappNoReplicaInRotation (none in rotation for 30 s).
     "DATABASE_REPLICA_MAX_LAG": "10s, 16MB",
+    # With replicas, when the primary is unreachable (its breaker open, or a connect
+    # refused or timed out): GET and HEAD pages are read from a healthy replica under a
+    # "read-only for now" banner, and writes get a 503 that shows what was typed.
+    # False: every request that needs the database gets the 503.
+    "DATABASE_READ_ONLY_MODE": True,
     # An X-Read-From header (replica <n> / primary) on every response; always on in debug.
     "DATABASE_READ_FROM_HEADER": False,
     # MariaDB Galera: "pinned" (every connection to the first ready node of the URL's

@@ -8,7 +8,7 @@ from flask import Flask, render_template
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
-from . import observability
+from . import observability, read_only
 from .db import db
 from .db.errors import DatabaseUnavailable, describe_error, unavailable_reason
 from .db.routing import ReplicaWriteError
@@ -59,7 +59,7 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(ReplicaWriteError, render_replica_write)
 
 
-def error_page(code: int, description: str | None = None) -> str:
+def error_page(code: int, description: str | None = None, primary_down: bool = False) -> str:
     """Render the error page; it reads nothing from the database.
 
     The session is rolled back first: whatever the failed request half-did must not be
@@ -68,8 +68,9 @@ def error_page(code: int, description: str | None = None) -> str:
     db.rollback()
     title, message = _MESSAGES.get(code, (str(code), ""))
     request_id = observability.request_id() if code >= 500 else None
+    kept = read_only.kept_fields() if code == 503 else []
     return render_template("error.html", code=code, title=title, message=description or message,
-                           request_id=request_id)
+                           request_id=request_id, **read_only.context(kept, primary_down))
 
 
 def render_http_error(error: HTTPException) -> tuple[str, int, list[tuple[str, str]]]:
@@ -94,7 +95,7 @@ def render_database_error(error: sa_exc.SQLAlchemyError) -> tuple[str, int, dict
     read_only = getattr(getattr(error, "orig", None), "sqlstate", None) == "25006"  # a demoted primary
     observability.count_unavailable("read_only" if read_only else _CAUSES[reason])
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-    return error_page(503, _UNAVAILABLE_MESSAGES[reason]), 503, headers
+    return error_page(503, _UNAVAILABLE_MESSAGES[reason], primary_down=reason == "unreachable"), 503, headers
 
 
 def render_database_refused(error: DatabaseUnavailable) -> tuple[str, int, dict[str, str]]:
@@ -102,7 +103,8 @@ def render_database_refused(error: DatabaseUnavailable) -> tuple[str, int, dict[
     database, so a 503 at once, saying when to come back."""
     log.warning("database request refused (%s): %s", error.reason, error)
     observability.count_unavailable("breaker" if error.reason == "unreachable" else "bulkhead")
-    return error_page(503, _UNAVAILABLE_MESSAGES[error.reason]), 503, {"Retry-After": str(error.retry_after)}
+    page = error_page(503, _UNAVAILABLE_MESSAGES[error.reason], primary_down=error.reason == "unreachable")
+    return page, 503, {"Retry-After": str(error.retry_after)}
 
 
 _READ_ONLY_MESSAGE = (

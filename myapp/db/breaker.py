@@ -151,6 +151,8 @@ class Guards:
         self.breaker_settings = settings.breaker
         self.bulkhead = Bulkhead.from_settings(settings.bulkhead) if settings.bulkhead else None
         self.breaker: Breaker | None = None
+        # With replicas, a read-only request may go on while the primary's breaker is open.
+        self.read_only_mode = settings.replicas is not None and settings.replicas.read_only_mode
 
     @classmethod
     def build(cls, settings: DatabaseSettings) -> Guards | None:
@@ -170,12 +172,22 @@ class Guards:
     def _admit(self, session: AppSession, reading: bool) -> None:
         """Admit the session's first unit to the bulkhead, then ask the breaker (the
         slot first: the breaker's probe waits on the database too). Should the slot
-        outlive its events (an interrupt), the session's end gives it back."""
+        outlive its events (an interrupt), the session's end gives it back. An open
+        breaker refuses the session, unless it only reads and replicas may serve it."""
         if self.bulkhead is not None:
             state_of(session).release_slot = partial(self.bulkhead.release, self.bulkhead.holder())
             self.bulkhead.admit()
         if self.breaker is not None:
-            self.breaker.check()
+            try:
+                self.breaker.check()
+            except DatabaseUnavailable:
+                if not (reading and self.read_only_mode):
+                    raise
+                state_of(session).primary_unreachable = True  # routing reads from a replica
+
+    def primary_is_down(self) -> bool:
+        """The primary's breaker is open (or probing); without a breaker, never."""
+        return self.breaker is not None and self.breaker.state != "closed"
 
 
 def _admit_units(maker: sessionmaker[Any], bulkhead: Bulkhead) -> None:

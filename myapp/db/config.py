@@ -60,6 +60,7 @@ class ReplicaSettings:
     max_lag_seconds: float | None
     max_lag_bytes: int | None
     read_from_header: bool
+    read_only_mode: bool = True  # the primary unreachable: GET pages from a replica, writes refused
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,8 @@ def _replicas(config: Mapping[str, Any], url: URL, debug: bool) -> ReplicaSettin
         except (ArgumentError, ImportError, ValueError) as error:
             raise ConfigError(f"DATABASE_REPLICA_URLS is invalid: {error}") from None
     return ReplicaSettings(tuple(urls), interval, *max_lag,
-                           read_from_header=bool(config["DATABASE_READ_FROM_HEADER"] or debug))
+                           read_from_header=bool(config["DATABASE_READ_FROM_HEADER"] or debug),
+                           read_only_mode=bool(config.get("DATABASE_READ_ONLY_MODE", True)))
 
 
 def replica_urls(value: Any) -> list[str]:

@@ -115,6 +115,7 @@ class ReplicaSet:
     max_lag_bytes: int | None
     _samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_SAMPLES))
     _next_check: float = 0.0
+    primary_unreachable: bool = False  # the last check could not read the primary's WAL position
     _checking: threading.Lock = field(default_factory=threading.Lock)
     _changing: threading.Lock = field(default_factory=threading.Lock)
 
@@ -203,7 +204,9 @@ class ReplicaSet:
             with self.primary_check_engine.connect() as connection:
                 primary_lsn = int(connection.exec_driver_sql(PRIMARY_LSN_SQL).scalar_one())
             self._samples.append((now, primary_lsn))
+            self.primary_unreachable = False
         except SQLAlchemyError as error:
+            self.primary_unreachable = True
             # Replicas may still serve reads while the primary is away; lag is measured
             # against the last position the primary reported.
             log.warning("replica check: the primary's WAL position is unknown: %s", describe_error(error))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, request
@@ -14,6 +15,7 @@ from werkzeug.wrappers import Response
 
 from . import routing, sticking
 from .autocommit import track_units
+from .breaker import Guards
 from .config import DatabaseSettings, ReplicaSettings
 from .engines import make_check_engine, make_engine
 from .errors import mask_url
@@ -64,11 +66,44 @@ class Replicas:
         """A read-only request's session may read from a replica that has replayed the
         WAL position of its user's last commit."""
         if reading:
-            state_of(session).reads = routing.ReplicaReads(self.replica_set, sticking.required_lsn())
+            state = state_of(session)
+            read_only = self.settings.read_only_mode and (
+                state.primary_unreachable or self.replica_set.primary_unreachable)
+            state.reads = routing.ReplicaReads(self.replica_set, sticking.required_lsn(), read_only=read_only,
+                                               may_go_read_only=self.settings.read_only_mode)
+
+
+@dataclass(frozen=True)
+class ReadOnlyMode:
+    """The site reads from a replica because the primary is unreachable."""
+
+    replica: str | None  # the replica this request reads from ("replica 1"), if it read yet
+    behind_the_user: bool  # it has not replayed the user's last commit
 
 
 class ReplicaMethods(StateAccess):
     """The ``db`` methods for replicas."""
+
+    def read_only_mode_allowed(self) -> bool:
+        """Replicas are configured and DATABASE_READ_ONLY_MODE is on."""
+        replicas = self.app_state().feature(Replicas)
+        return replicas is not None and replicas.settings.read_only_mode
+
+    def read_only_mode(self) -> ReadOnlyMode | None:
+        """None, unless the site is read-only for now: the current session reads from a
+        replica because the primary is unreachable, or the primary's breaker is open, or
+        the replicas' last check could not reach the primary."""
+        state = self.app_state()
+        replicas = state.feature(Replicas)
+        if replicas is None or not replicas.settings.read_only_mode:
+            return None
+        session = state.current_session()
+        reads = state_of(session).reads if session is not None else None
+        if reads is not None and reads.read_only:
+            return ReadOnlyMode(reads.replica.name if reads.replica else None, reads.behind_the_user)
+        guards = state.feature(Guards)
+        primary_down = replicas.replica_set.primary_unreachable or (guards is not None and guards.primary_is_down())
+        return ReadOnlyMode(None, False) if primary_down else None
 
     @contextmanager
     def use_primary(self) -> Iterator[None]:

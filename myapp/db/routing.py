@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from .engines import READ_ONLY
-from .errors import describe_error
+from .errors import DatabaseUnavailable, describe_error
 from .metrics import count_read
 from .replicas import Replica, ReplicaSet
 from .session import require_transaction, state_of
@@ -115,16 +115,22 @@ def _refuse_flush(session: Session, flush_context: Any, instances: Any) -> None:
 
 class ReplicaReads:
     """What one session knows about its reads: the replicas, the WAL position its user
-    must see, the replica it chose (once), and where its statements went."""
+    must see, the replica it chose (once), and where its statements went; in read-only
+    mode (the primary unreachable), whether the replica lacks that user's last write."""
 
-    __slots__ = ("replicas", "required_lsn", "replica", "chosen", "served")
+    __slots__ = ("replicas", "required_lsn", "replica", "chosen", "served", "read_only", "may_go_read_only",
+                 "behind_the_user")
 
-    def __init__(self, replicas: ReplicaSet, required_lsn: int | None) -> None:
+    def __init__(self, replicas: ReplicaSet, required_lsn: int | None, *, read_only: bool = False,
+                 may_go_read_only: bool = False) -> None:
         self.replicas = replicas
         self.required_lsn = required_lsn
         self.replica: Replica | None = None
         self.chosen = False
         self.served: list[str] = []
+        self.read_only = read_only  # every read from a replica: the primary is unreachable
+        self.may_go_read_only = may_go_read_only  # DATABASE_READ_ONLY_MODE
+        self.behind_the_user = False  # the replica has not replayed the user's last commit
 
     def note(self, target: str) -> None:
         if target not in self.served:
@@ -143,6 +149,8 @@ def primary_only(session: Session) -> Iterator[None]:
 
 
 def _replica_for(session: Session, reads: ReplicaReads) -> Replica | None:
+    if reads.read_only:
+        return _read_only_replica(reads)
     state = state_of(session)
     if state.transactional or state.wrote or state.primary_only:
         return None
@@ -156,6 +164,19 @@ def _replica_for(session: Session, reads: ReplicaReads) -> Replica | None:
                 reads.replica = None
                 raise
             _mark_down(reads, error)
+    return reads.replica
+
+
+def _read_only_replica(reads: ReplicaReads) -> Replica:
+    """The primary is unreachable: any healthy replica, whatever the user last wrote
+    (the page says when it lacks that write); none healthy, a 503."""
+    if reads.replica is None:
+        reads.chosen = True
+        reads.replicas.maybe_check()
+        reads.replica = reads.replicas.choose(None, lambda replica: None)
+        if reads.replica is None:
+            raise DatabaseUnavailable("unreachable", "the primary is unreachable and no replica is healthy", 1)
+        reads.behind_the_user = reads.required_lsn is not None and reads.replica.replay_lsn < reads.required_lsn
     return reads.replica
 
 
@@ -221,8 +242,31 @@ def _read_from_a_replica(orm_state: ORMExecuteState) -> Result[Any] | None:
         count_read("primary", "replica_failed" if reads.replica is None else "write_unit")
     else:
         count_read("primary", _why_primary(session, reads))
-    reads.note("primary")
-    return None
+    state = state_of(session)
+    if not (reads.may_go_read_only and orm_state.is_select) or state.wrote or state.transactional:
+        reads.note("primary")
+        return None
+    return _on_the_primary_or_read_only(orm_state, reads)
+
+
+def _on_the_primary_or_read_only(orm_state: ORMExecuteState, reads: ReplicaReads) -> Result[Any]:
+    """A read of a read-only request sent to the primary: should the primary be
+    unreachable (the connect refused or timed out, the connection lost), the session
+    goes read-only and reads from a replica instead."""
+    try:
+        result = orm_state.invoke_statement()
+    except DBAPIError as error:
+        if not _unreachable(error):
+            raise
+        log.warning("the primary is unreachable (%s): this request reads from a replica", describe_error(error))
+    else:
+        reads.note("primary")
+        return result
+    reads.read_only = True
+    replica = _read_only_replica(reads)
+    reads.note(replica.name)
+    count_read(replica.label, "replica")
+    return orm_state.invoke_statement(bind_arguments={"bind": replica.engine})
 
 
 def _replica_failed(session: Session, reads: ReplicaReads, replica: Replica, error: DBAPIError) -> None:

@@ -39,6 +39,7 @@ class SessionState:
     primary_only: int = 0
     refuse_writes: bool = False  # a replica-only session (db.replica_session())
     reads: Any = None  # routing.ReplicaReads when this session may read from a replica
+    primary_unreachable: bool = False  # born while the primary's breaker was open (read-only mode)
 
     @property
     def wrote(self) -> bool:

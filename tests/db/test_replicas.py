@@ -10,6 +10,8 @@ Every scenario has a negative control that shows the check catching the fault.
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
+
 import logging
 import threading
 import time
@@ -722,3 +724,103 @@ def test_a_replica_that_cannot_answer_the_replay_question_is_marked_down() -> No
         assert routing._replica_for(session, reads) is None  # read from the primary
     assert replica.state == "down" and "Connection refused" in replica.reason
     replica.engine.dispose()
+
+
+# -- read-only mode: the primary unreachable (issue 19) ----------------------------------------
+
+BANNER = "Read-only for now."
+NOT_YET = "Your latest changes are saved but may not show on this page yet."
+
+
+def _writer_with_an_unreplayed_post(client: FlaskClient, topology: ReplicatedPostgres) -> None:
+    """A user with one post every server has and one the standby has not replayed: its
+    reads stick to the primary (read-your-writes)."""
+    register_and_login(client, "reader")
+    publish(client, "Replayed everywhere")
+    topology.wait_for_replay(topology.standbys[0])
+    topology.pause_replay(topology.standbys[0])
+    publish(client, "Only on the primary")
+
+
+def test_with_the_primary_stopped_pages_are_read_from_the_replica_under_a_banner(
+    topology: ReplicatedPostgres, database: URL
+) -> None:
+    with replica_app(topology, database) as app:
+        client = app.test_client()
+        _writer_with_an_unreplayed_post(client, topology)
+        topology.stop(topology.primary)
+        for _ in range(5):  # refused connects: before the breaker, and with it open
+            page = client.get("/")
+            assert page.status_code == 200 and BANNER in page.text, page.text
+            assert NOT_YET in page.text  # the replica lacks their last post, and says so
+            assert "Replayed everywhere" in page.text and "Only on the primary" not in page.text
+            assert ">reader<" in page.text and page.headers["X-Read-From"] == "replica 1"  # still signed in
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json["status"] == "degraded: read-only from replica 1"  # type: ignore[index]
+        topology.start(topology.primary)
+        topology.resume_replay(topology.standbys[0])
+        wait_until(lambda: BANNER not in client.get("/").text, 5, "the banner to go")
+        assert "Only on the primary" in client.get("/").text
+        assert client.get("/readyz").json["status"] == "ready"  # type: ignore[index]
+
+
+def test_negative_control_read_only_mode_off_the_same_pages_get_503s(
+    topology: ReplicatedPostgres, database: URL
+) -> None:
+    with replica_app(topology, database, DATABASE_READ_ONLY_MODE=False) as app:
+        client = app.test_client()
+        _writer_with_an_unreplayed_post(client, topology)
+        topology.stop(topology.primary)
+        pages = [client.get("/") for _ in range(5)]
+        assert [page.status_code for page in pages] == [503] * 5
+        assert not any(BANNER in page.text for page in pages)
+        assert client.get("/readyz").status_code == 503
+
+
+class _Textareas(HTMLParser):
+    """The textareas of a page as a browser reads them: by name, with the one newline
+    right after the start tag dropped, as HTML says."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.values: dict[str, str] = {}
+        self._name: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "textarea":
+            self._name = dict(attrs)["name"]
+            self.values[self._name or ""] = ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "textarea" and self._name is not None:
+            self.values[self._name] = self.values[self._name].removeprefix("\n")
+            self._name = None
+
+    def handle_data(self, data: str) -> None:
+        if self._name is not None:
+            self.values[self._name] += data
+
+
+def test_a_post_while_read_only_gives_back_exactly_what_was_typed(
+    topology: ReplicatedPostgres, database: URL
+) -> None:
+    typed = "\nstarts with a blank line\n  <b>indented</b> & \"quoted\" &amp;\n\nlast line "
+    with replica_app(topology, database) as app:
+        client = app.test_client()
+        register_and_login(client, "writer")
+        topology.stop(topology.primary)
+        response = client.post("/posts/new", data={"title": "Unsaved", "body": typed})
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        assert BANNER in response.text and 'action="/posts/new"' in response.text
+        textareas = _Textareas()
+        textareas.feed(response.text)
+        assert textareas.values == {"title": "Unsaved", "body": typed}
+        login = client.post("/auth/login", data={"username": "writer", "password": "typed secret"})
+        # The limiter's counts live on the primary: logging in fails closed, the name kept.
+        assert login.status_code == 503 and "typed secret" not in login.text
+        textareas = _Textareas()
+        textareas.feed(login.text)
+        assert textareas.values == {"username": "writer"}
+        topology.start(topology.primary)
+        with app.app_context(), db.use_primary():
+            assert db.session.scalar(select(func.count()).select_from(Post).where(Post.title == "Unsaved")) == 0
