@@ -22,11 +22,15 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-from tests.topology import NamespacedMariaDB, PgBouncer, PgNode, ReplicatedPostgres, replicated_postgres
+from tests.topology import (
+    NamespacedMariaDB, PatroniCluster, PgBouncer, PgNode, ReplicatedPostgres, replicated_postgres,
+)
 from tests.topology.fixtures import (  # noqa: F401 (fixtures)
     bouncer, bouncer_session, netns_mariadb, netns_mariadb_session, netns_postgres, netns_postgres_session,
-    replicated, replicated_session, require_namespaces, require_postgres,
+    patroni, patroni_session, replicated, replicated_session, require_namespaces, require_postgres,
 )
+from tests.topology.netns import wait_for
+from tests.topology.patroni import LOOP_WAIT, TTL
 
 pytestmark = pytest.mark.faults
 
@@ -361,3 +365,125 @@ def test_pgbouncer_restart_cuts_clients_off(bouncer: PgBouncer) -> None:
         with pytest.raises(psycopg.OperationalError):
             connection.execute("SELECT 1")
     assert scalar(bouncer.url("postgres"), "SELECT 1") == 1
+
+
+# -- Patroni + etcd + HAProxy (issue 19) ---------------------------------------------------
+
+
+def insert_through(port: int, database: str, note: str) -> bool:
+    """One autocommit INSERT through a loopback port (HAProxy's): True once acknowledged."""
+    try:
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname=database, connect_timeout=2,
+                             autocommit=True) as connection:
+            connection.execute("INSERT INTO notes VALUES (%s)", [note])
+        return True
+    except psycopg.Error:
+        return False
+
+
+def notes(node: PgNode, database: str) -> list[str]:
+    with psycopg.connect(node.conninfo(database), autocommit=True, connect_timeout=5) as connection:
+        return [row[0] for row in connection.execute("SELECT note FROM notes ORDER BY note")]
+
+
+def test_patroni_stack_has_one_leader_a_synchronous_replica_and_routes_by_role(patroni: PatroniCluster) -> None:
+    started = patroni.timings["start"]
+    print(f"\npatroni stack up in {started:.1f} s ({ {k: round(v, 1) for k, v in patroni.timings.items()} })")
+    assert started < 30
+    leader = patroni.leader()
+    assert leader is not None
+    (replica,) = patroni.replicas()
+    assert {member["name"]: member["role"] for member in patroni.members()} == {
+        leader: "leader", replica: "sync_standby"}
+    assert {row["Member"]: row["Role"] for row in patroni.listing()} == {leader: "Leader", replica: "Sync Standby"}
+    # What HAProxy's checks see, and where it sends each port.
+    assert [patroni.node(leader).check("/primary"), patroni.node(replica).check("/primary")] == [200, 503]
+    assert [patroni.node(leader).check("/replica"), patroni.node(replica).check("/replica")] == [503, 200]
+    assert patroni.routes() == {"write": [leader], "read": [replica]}
+    assert patroni.node(leader).pg.query("SHOW synchronous_standby_names") == [(replica,)]
+
+    with patroni.database(migrated=False) as database:
+        write, read = patroni.write_url(database), patroni.read_url(database)
+        assert server_port(write) == patroni.node(leader).pg.port
+        assert server_port(read) == patroni.node(replica).pg.port
+        assert server_port(patroni.multihost_url(database)) == patroni.node(leader).pg.port
+        assert patroni.multihost_url(database).render_as_string().count("host=127.0.0.1%3A") == 2
+        engine = create_engine(write, poolclass=NullPool)
+        try:
+            with engine.begin() as connection:
+                connection.execute(text("CREATE TABLE notes (note text)"))
+                connection.execute(text("INSERT INTO notes VALUES ('through the write port')"))
+        finally:
+            engine.dispose()
+        patroni.wait_for_replay()
+        assert scalar(read, "SELECT string_agg(note, ',') FROM notes") == "through the write port"
+        with pytest.raises(sqlalchemy.exc.InternalError, match="read-only transaction"):
+            scalar(read, "INSERT INTO notes VALUES ('through the read port') RETURNING 1")
+
+
+def test_patroni_switchover_moves_the_leader_and_the_write_port(patroni: PatroniCluster) -> None:
+    old = patroni.leader()
+    (new,) = patroni.replicas()
+    seconds = patroni.switchover(new)  # patronictl switchover --leader old --candidate new --force
+    print(f"\npatronictl switchover {old} -> {new}: write port on {new} after {seconds:.2f} s")
+    assert seconds < TTL
+    assert patroni.leader() == new and patroni.write_port_server() == patroni.node(new).pg.port
+    rejoined = patroni.wait_for_replica_streaming(30)
+    patroni.wait_for_routes()
+    print(f"{old} streaming again as the synchronous standby {rejoined:.2f} s later")
+    assert patroni.replicas() == [old] and patroni.routes() == {"write": [new], "read": [old]}
+
+
+def test_patroni_fails_over_when_the_leaders_postgres_is_killed(patroni: PatroniCluster) -> None:
+    """The leader's postmaster is killed with a commit in flight (its WAL on the leader
+    only): Patroni elects the other node, HAProxy's write port follows, every
+    acknowledged write is there and the unacknowledged one is not; the old leader comes
+    back as a replica by pg_rewind."""
+    with patroni.database(migrated=False) as database:
+        old = patroni.leader()
+        assert old is not None
+        (new,) = patroni.replicas()
+        write_port = patroni.haproxy.write_port
+        with psycopg.connect(patroni.node(old).pg.conninfo(database), autocommit=True) as connection:
+            connection.execute("CREATE TABLE notes (note text)")
+        acknowledged = [f"before {number:02}" for number in range(20)]
+        assert all(insert_through(write_port, database, note) for note in acknowledged)
+        timeline = {member["name"]: member["timeline"] for member in patroni.members()}[old]
+        rewinds = patroni.node(old).logged("pg_rewind: Done!")
+
+        killed, killed_at = patroni.kill_leader_postgres(in_flight="INSERT INTO notes VALUES ('in flight')",
+                                                         database=database)
+        assert killed == old
+        elected = Pending(lambda: patroni.wait_for_leader(TTL + LOOP_WAIT + 10, other_than=old))
+        routed = Pending(lambda: wait_for(lambda: patroni.haproxy.servers_up("write") == [new],
+                                          TTL + LOOP_WAIT + 10, f"HAProxy's write listener to {new}"))
+        deadline = killed_at + TTL + LOOP_WAIT + 10
+        while not insert_through(write_port, database, "after the failover") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        writes_back = time.monotonic() - killed_at
+        assert elected.done(TTL) and routed.done(TTL), (elected.error, routed.error, patroni.story())
+        assert elected.error is None and elected.result == new, (elected.error, patroni.story())
+        assert routed.error is None, routed.error
+        assert elected.seconds is not None and routed.seconds is not None
+        elected_after = elected.started + elected.seconds - killed_at
+        routed_after = routed.started + routed.seconds - killed_at
+        print(f"\nleader's postgres killed: {new} elected after {elected_after:.2f} s, HAProxy's write "
+              f"listener on it alone after {routed_after:.2f} s, first write acknowledged through the write "
+              f"port after {writes_back:.2f} s (goal: ttl + loop_wait + 2 = {TTL + LOOP_WAIT + 2} s)")
+        assert writes_back < TTL + LOOP_WAIT + 2, patroni.story()
+        assert elected_after < TTL + LOOP_WAIT
+
+        # The history, judged on the new leader: every acknowledged write, not the other.
+        on_new = notes(patroni.node(new).pg, database)
+        assert [note for note in on_new if note.startswith("before")] == acknowledged
+        assert "in flight" not in on_new and on_new.count("after the failover") == 1
+
+        patroni.wait_for_replica_streaming(60)
+        patroni.wait_for_routes()
+        print(f"{old} streaming again as the synchronous standby {time.monotonic() - killed_at:.2f} s after "
+              "the kill")
+        assert patroni.node(old).logged("pg_rewind: Done!") == rewinds + 1, patroni.story()
+        members = {member["name"]: member for member in patroni.members()}
+        assert members[new]["timeline"] > timeline and members[old]["timeline"] == members[new]["timeline"]
+        patroni.wait_for_replay()
+        assert notes(patroni.node(old).pg, database) == on_new  # the rewind took 'in flight' away

@@ -29,6 +29,7 @@ from tests.support.servers import PostgresServer, ThrowawayServer, throwaway_ser
 from .galera import PROVIDER as GALERA_PROVIDER, GaleraCluster, galera_cluster
 from .mariadb import namespaced_mariadb
 from .netns import Partitionable
+from .patroni import ETCD, HAPROXY, PATRONI, PATRONICTL, PatroniCluster, patroni_cluster
 from .pgbouncer import BINARY as PGBOUNCER, PgBouncer, pgbouncer
 from .postgres import ReplicatedPostgres, namespaced_postgres, replicated_postgres
 
@@ -65,6 +66,13 @@ def require_galera() -> None:
 def require_pgbouncer() -> None:
     require(os.access(PGBOUNCER, os.X_OK),
             f"no {PGBOUNCER}: apt-get install pgbouncer (the package's own service need not run)")
+
+
+def require_patroni() -> None:
+    for program, package in ((PATRONI, "patroni"), (PATRONICTL, "patroni"), (ETCD, "etcd-server"),
+                             (HAPROXY, "haproxy")):
+        require(os.access(program, os.X_OK),
+                f"no {program}: apt-get install {package} (the package's own service need not run)")
 
 
 def _topology_fixtures(
@@ -158,4 +166,13 @@ galera_session, galera = _topology_fixtures(
     "A three-node MariaDB Galera cluster on loopback, shared by the session; every "
     "node running, joined and synced again after the test.",
     requires=(require_mariadb, require_galera), before=GaleraCluster.heal, after=GaleraCluster.heal,
+)
+
+patroni_session, patroni = _topology_fixtures(
+    "patroni", patroni_cluster,
+    "etcd, two Patroni nodes (PostgreSQL, synchronous replication) and HAProxy on loopback, "
+    "shared by the session; before and after the test every Patroni runs, one node leads, "
+    "the other streams as its synchronous standby and HAProxy's routes are settled. "
+    "Either node may lead: a test asks ``leader()``.",
+    requires=(require_postgres, require_patroni), before=PatroniCluster.heal, after=PatroniCluster.heal,
 )

@@ -206,8 +206,9 @@ class PgNode(PostgresServer, Partitionable):
 
 
 @contextmanager
-def _node(label: str, netns: NetNamespace | None = None, extra_listen: Sequence[str] = ()) -> Iterator[PgNode]:
-    """A node in a temporary folder of its own, stopped and removed at the end."""
+def postgres_node(label: str, netns: NetNamespace | None = None, extra_listen: Sequence[str] = ()) -> Iterator[PgNode]:
+    """A node in a temporary folder of its own, stopped and removed at the end (its
+    postmaster, whoever started it: pg_ctl here, or Patroni in tests/topology/patroni.py)."""
     root = Path(tempfile.mkdtemp(prefix=f"myapp-topology-{label}-"))
     root.chmod(0o755)
     chown_to(root, PgNode.user)
@@ -393,7 +394,7 @@ def replicated_postgres(standbys: int = 1, netns_nodes: Collection[int] = (),
         for index in range(count):
             netns = namespaces.get(index)
             label = "primary" if index == 0 else f"standby{index}"
-            nodes.append(stack.enter_context(_node(label, netns, extra_listen=[] if netns else outer)))
+            nodes.append(stack.enter_context(postgres_node(label, netns, extra_listen=[] if netns else outer)))
         topology = ReplicatedPostgres(nodes)
         started = time.monotonic()
         _initialize(nodes[0], {**REPLICATION_SETTINGS, **primary_settings}, networks)
@@ -408,7 +409,7 @@ def replicated_postgres(standbys: int = 1, netns_nodes: Collection[int] = (),
 def namespaced_postgres(**settings: Any) -> Iterator[PgNode]:
     """A throwaway PostgreSQL inside a network namespace of its own, listening on the
     namespace address: ``partition()`` cuts it off silently, ``heal()`` reconnects it."""
-    with network_namespace() as netns, _node("netns", netns) as node:
+    with network_namespace() as netns, postgres_node("netns", netns) as node:
         _initialize(node, {"fsync": "off", **settings}, [str(netns.network)])
         node.start()
         yield node
