@@ -48,12 +48,22 @@ TICK = 0.1  # seconds between two looks at the waits
 
 @dataclass(eq=False)
 class _Wait:
+    connection: weakref.ref[Any]  # the DBAPI connection waited on (never kept alive by this)
     fd: int
     since: float
     deadline: float
 
     def extend(self, until: float) -> None:
         self.deadline = until
+
+    def still_open(self) -> bool:
+        """The connection is alive, open and still on the socket noted: a descriptor
+        number is reused as soon as its connection closes, by anything."""
+        connection = self.connection()
+        try:
+            return connection is not None and not connection.closed and connection.fileno() == self.fd
+        except Exception:  # closed under us
+            return False
 
 
 class Watchdog:
@@ -71,7 +81,8 @@ class Watchdog:
     def begin(self, dbapi_connection: Any) -> None:
         """This thread starts waiting on ``dbapi_connection``'s server."""
         now = time.monotonic()
-        self._waits[threading.get_ident()] = _Wait(dbapi_connection.fileno(), now, now + self.seconds)
+        self._waits[threading.get_ident()] = _Wait(weakref.ref(dbapi_connection), dbapi_connection.fileno(), now,
+                                                   now + self.seconds)
         if _thread_owner[0] != os.getpid():
             _start_thread()
 
@@ -94,6 +105,10 @@ class Watchdog:
     def look(self) -> None:
         now = time.monotonic()
         late = {ident: wait for ident, wait in list(self._waits.items()) if wait.deadline <= now}
+        for ident, wait in list(late.items()):
+            if not wait.still_open():  # a wait whose end no event reported: forget it
+                self._waits.pop(ident, None)
+                del late[ident]
         if not late:
             return
         if self._answers():
@@ -118,6 +133,8 @@ class Watchdog:
 
     def _abandon(self, wait: _Wait, now: float) -> None:
         """Shut the socket down under the waiting thread: its read returns at once."""
+        if not wait.still_open():
+            return
         try:
             with socket.socket(fileno=os.dup(wait.fd)) as sock:
                 sock.shutdown(socket.SHUT_RDWR)

@@ -3,14 +3,17 @@ answers is never abandoned; the frozen server itself is tests/faults/test_frozen
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
 from flask import Flask
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from myapp.db import db
 from myapp.db.deadline import Deadlines
+from tests.support.databases import Backend
 
 AppFactory = Callable[..., Flask]
 
@@ -37,3 +40,29 @@ def test_the_deadline_comes_after_the_statement_timeout(app_factory: AppFactory)
 def test_no_watchdog_where_the_driver_has_its_own_read_timeout(app_factory: AppFactory) -> None:
     """PyMySQL's read timeout already bounds a wait on a frozen server; SQLite has none."""
     assert app_factory().extensions["myapp.database"].feature(Deadlines) is None
+
+
+@pytest.mark.backends("postgresql")
+def test_a_stale_wait_never_shuts_down_a_socket_that_another_connection_reuses(backend: Backend) -> None:
+    """A wait whose end no event reported (its connection closed, its engine disposed)
+    must not let the watchdog shut down whatever got its descriptor number next."""
+    import psycopg
+
+    from myapp.db.deadline import Watchdog
+
+    def no_answer() -> None:
+        raise OperationalError("SELECT 1", {}, Exception("no answer"))
+
+    conninfo = backend.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
+    watchdog = Watchdog("stale test", 0.01, no_answer)
+    first = psycopg.connect(conninfo)
+    watchdog.begin(first)  # and no end: the connection goes away with its wait noted
+    first.close()
+    second = psycopg.connect(conninfo)
+    try:
+        time.sleep(0.05)
+        watchdog.look()
+        assert watchdog.abandoned == 0
+        assert second.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        second.close()
