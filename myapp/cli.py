@@ -126,7 +126,7 @@ def db_status() -> None:
     click.echo(f"{'backend':<9}{engine.dialect.name} ({engine.driver})")
     click.echo(f"{'url':<9}{mask_url(engine.url)}")
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    breaker = db.breaker_status()  # before this command's own statements succeed and close it
+    breakers = db.breakers_status()  # before this command's own statements succeed and close them
     try:
         latency = db.ping()
     except SQLAlchemyError as error:
@@ -137,8 +137,10 @@ def db_status() -> None:
         ("revision", f"{current or '(empty)'} (head: {head}{', up to date' if current == head else ', run flask db upgrade'})"),
         ("pool", pool.status() if hasattr(pool, "status") else type(pool).__name__),
         ("ping", f"{latency * 1000:.1f} ms"),
-        ("breaker", "off" if breaker is None else _describe_breaker(breaker)),
+        *(("breaker", f"{server}: {_describe_breaker(status)}") for server, status in breakers.items()),
     ]
+    if not breakers:
+        rows.append(("breaker", "off"))
     for label, value in rows:
         click.echo(f"{label:<9}{value}")
     for replica in db.replica_status(check=True) or []:

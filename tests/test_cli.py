@@ -208,7 +208,7 @@ def test_db_status_names_backend_url_revision_and_ping(app: Flask, runner: Any) 
     assert rows["url"] == mask_url(engine.url)
     assert rows["revision"].startswith(f"{_head(app)} (head: {_head(app)}, up to date")
     assert rows["ping"].endswith(" ms")
-    assert rows["breaker"] == "closed in this process, 0 failures in a row"
+    assert rows["breaker"] == "primary: closed in this process, 0 failures in a row"
     assert engine.pool.checkedout() == 0
 
 
@@ -219,7 +219,7 @@ def test_db_status_shows_an_open_breaker_and_why(app: Flask, runner: Any) -> Non
         breaker.record_failure(RuntimeError("no answer"))
     result = runner.invoke(args=["db", "status"])
     rows = dict(line.split(None, 1) for line in result.output.splitlines())
-    assert rows.get("breaker") == "open in this process, 3 failures in a row (last: RuntimeError: no answer)", result.output
+    assert rows.get("breaker") == "primary: open in this process, 3 failures in a row (last: RuntimeError: no answer)", result.output
 
 
 @pytest.mark.parametrize("down_app", ["postgresql", "mysql"], indirect=True)

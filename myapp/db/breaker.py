@@ -35,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from .bulkhead import Bulkhead
+from .engines import make_engine
 from .errors import DatabaseUnavailable, describe_error
 from .metrics import BREAKER_OPEN, BREAKER_OPENS
 from .session import AUTOCOMMIT_KEY, AppSession, state_of
@@ -97,6 +98,17 @@ class Breaker:
             raise
         self._close("the probe answered")
 
+    def allows(self) -> bool:
+        """``check`` without the exception: may this server be used now? (A replica's
+        breaker is asked when a replica is chosen; it probes as ``check`` does.)"""
+        if self.state == "closed":
+            return True
+        try:
+            self.check()
+        except DatabaseUnavailable:
+            return False
+        return True
+
     def _reopen(self, why: str) -> None:
         with self._lock:
             self.state, self.opened_at, self.last_error = "open", time.monotonic(), why
@@ -150,7 +162,8 @@ class Guards:
     def __init__(self, settings: DatabaseSettings) -> None:
         self.breaker_settings = settings.breaker
         self.bulkhead = Bulkhead.from_settings(settings.bulkhead) if settings.bulkhead else None
-        self.breaker: Breaker | None = None
+        self.breaker: Breaker | None = None  # the primary's
+        self.replica_breakers: dict[str, Breaker] = {}  # by replica label
         # With replicas, a read-only request may go on while the primary's breaker is open.
         self.read_only_mode = settings.replicas is not None and settings.replicas.read_only_mode
 
@@ -160,11 +173,15 @@ class Guards:
 
     def install(self, state: AppState, app: Flask) -> None:
         if self.breaker_settings is not None:
-            probe_engine = state.probe_engine
-            self.breaker = Breaker(self.breaker_settings.threshold, self.breaker_settings.reset_seconds,
-                                   probe=lambda: ping_once(probe_engine))
-        for engine in state.serving:  # a replica's statement waits on a database too
-            _watch(engine, self.breaker if engine is state.engine else None, self.bulkhead)
+            self.breaker = self._breaker("primary", state.probe_engine)
+            for replica in state.replicas:  # one each: a failing replica never opens the primary's
+                url = replica.engine.url.render_as_string(hide_password=False)
+                breaker = self._breaker(replica.label, make_engine(state.settings, probe=True, replica_url=url))
+                self.replica_breakers[replica.label] = breaker
+                replica.guard_with(breaker.allows)
+        for number, engine in enumerate(state.serving):  # a replica's statement waits on a database too
+            watching = self.breaker if number == 0 else self.replica_breakers.get(f"replica_{number}")
+            _watch(engine, watching, self.bulkhead)
         if self.bulkhead is not None:
             _admit_units(state.sessionmaker, self.bulkhead)
         state.openers.insert(0, self._admit)  # before anything else a session's birth does
@@ -184,6 +201,12 @@ class Guards:
                 if not (reading and self.read_only_mode):
                     raise
                 state_of(session).primary_unreachable = True  # routing reads from a replica
+
+    def _breaker(self, server: str, probe_engine: Engine) -> Breaker:
+        settings = self.breaker_settings
+        assert settings is not None
+        return Breaker(settings.threshold, settings.reset_seconds, probe=partial(ping_once, probe_engine),
+                       server=server)
 
     def primary_is_down(self) -> bool:
         """The primary's breaker is open (or probing); without a breaker, never."""
@@ -278,7 +301,15 @@ class HealthMethods(StateAccess):
         return time.perf_counter() - started
 
     def breaker_status(self) -> dict[str, Any] | None:
-        """This process's circuit breaker (None when it is switched off)."""
+        """This process's circuit breaker on the primary (None when it is switched off)."""
         guards = self.app_state().feature(Guards)
         breaker = guards.breaker if guards is not None else None
         return breaker.status() if breaker is not None else None
+
+    def breakers_status(self) -> dict[str, dict[str, Any]]:
+        """Every breaker of this process, by server: the primary's, each replica's."""
+        guards = self.app_state().feature(Guards)
+        if guards is None or guards.breaker is None:
+            return {}
+        return {"primary": guards.breaker.status(),
+                **{label: breaker.status() for label, breaker in guards.replica_breakers.items()}}

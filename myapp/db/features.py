@@ -18,7 +18,7 @@ from .config import DatabaseSettings
 from .deadline import Deadlines
 from .galera import Galera
 from .instrumentation import QueryBudget, SlowQueryLog
-from .metrics import Metrics
+from .statement_metrics import Metrics
 from .replication import Replicas
 from .state import AppState
 from .tracking import WriteTracking

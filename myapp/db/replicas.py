@@ -75,10 +75,15 @@ class Replica:
     replay_lsn_at: float = 0.0  # time.monotonic() of replay_lsn
     checked_at: float | None = None
     marked_down_at: float = float("-inf")  # a request's mark_down outranks a check begun before it
+    gate: Callable[[], bool] | None = None  # its breaker's word: may a request use it now?
 
     @property
     def name(self) -> str:
         return f"replica {self.number}"
+
+    def guard_with(self, gate: Callable[[], bool]) -> None:
+        """Let ``gate`` (its breaker) say whether a request may use this replica now."""
+        self.gate = gate
 
     @property
     def label(self) -> str:
@@ -148,7 +153,8 @@ class ReplicaSet:
         the position and one's cache is older than ``REPLAY_LSN_TTL`` is that one replica
         asked (``ask_replay_lsn``, on the connection the session will read from).
         """
-        healthy = [replica for replica in self.replicas if replica.state == "healthy"]
+        healthy = [replica for replica in self.replicas
+                   if replica.state == "healthy" and (replica.gate is None or replica.gate())]
         if not healthy:
             return None
         if required_lsn is None:

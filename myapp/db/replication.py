@@ -48,6 +48,7 @@ class Replicas:
 
     def install(self, state: AppState, app: Flask) -> None:
         state.replica_engines.extend(replica.engine for replica in self.replica_set.replicas)
+        state.replicas.extend(self.replica_set.replicas)
         expect_reads([replica.label for replica in self.replica_set.replicas])
         track_units(state.sessionmaker)
         routing.route_reads(state.sessionmaker)

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from .config import DatabaseSettings
+from .replicas import Replica
 from .session import AppSession
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class AppState:
     features: list[Any] = field(default_factory=list)
     openers: list[Opener] = field(default_factory=list)  # run in order when a context's session is born
     replica_engines: list[Engine] = field(default_factory=list)
+    replicas: list[Replica] = field(default_factory=list)  # the same replicas, with their health
     isolated: bool = False  # inside db.test_isolation(): one connection for everything
 
     @property

@@ -131,13 +131,13 @@ def test_everything_on_for_postgresql() -> None:
     replica_engine = app.extensions["myapp.database"].replica_engines[0]
     # A replica's engine: what it must not run is stopped, the bulkhead, slow queries,
     # the budget, write tracking's checkin, the connection's name, the free pre-ping,
-    # the metrics and the deadline; no breaker (it watches the primary).
+    # the metrics, the deadline, and its own breaker's failure count.
     replica_only = +Counter({key: value for key, value in listener_counts(
         app, replica_engine, isolation_level="AUTOCOMMIT").items() if not key.startswith("session.")})
     assert replica_only == Counter({
         "engine.before_cursor_execute": 6, "engine.after_cursor_execute": 4, "engine.commit": 2,
         "engine.rollback": 2, "pool.checkout": 2, "pool.checkin": 5, "pool.connect": 1, "pool.reset": 1,
-        "dialect.do_connect": 3, "dialect.handle_error": 2,
+        "dialect.do_connect": 3, "dialect.handle_error": 3,
     })
 
 

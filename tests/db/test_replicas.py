@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL
 
 from myapp.config import ConfigError
 from myapp.db import ReplicaWriteError, db, routing, sticking
+from myapp.db.breaker import Guards
 from myapp.db.config import parse_max_lag
 from myapp.db.replicas import ReplicaSet
 from myapp.db.replication import Replicas
@@ -824,3 +825,46 @@ def test_a_post_while_read_only_gives_back_exactly_what_was_typed(
         topology.start(topology.primary)
         with app.app_context(), db.use_primary():
             assert db.session.scalar(select(func.count()).select_from(Post).where(Post.title == "Unsaved")) == 0
+
+
+# -- a breaker per server (issue 19) ----------------------------------------------------------------
+
+
+def test_a_failing_replica_opens_its_own_breaker_never_the_primarys(
+    topology: ReplicatedPostgres, database: URL
+) -> None:
+    standby = topology.standbys[0]
+    with replica_app(topology, database) as app:
+        guards = app.extensions["myapp.database"].feature(Guards)
+        replica_breaker, replica = guards.replica_breakers["replica_1"], replicas_of(app).replicas[0]
+        replica_breaker.slow_seconds = 0.0  # a refused connect counts here, to drive it fast
+        client = app.test_client()
+        assert in_recovery(client) == (True, "replica 1")
+        topology.stop(standby)
+        for _ in range(3):  # each read meets the dead replica once, then the primary serves it
+            replicas_of(app).replicas[0].state = "healthy"  # as if a check had not noticed yet
+            app.extensions["myapp.database"].engine.dispose()
+            replica.engine.dispose()
+            assert in_recovery(client) == (False, "primary")
+        assert replica_breaker.state == "open" and guards.breaker.state == "closed"
+        replica.state = "healthy"
+        delta = Delta()
+        assert in_recovery(client) == (False, "primary")  # its open breaker keeps it out: not even tried
+        assert delta("myapp_db_reads_total", target="primary", reason="replica_failed") == 0
+        assert delta("myapp_db_reads_total", target="primary", reason="no_healthy_replica") == 2
+        statuses = client.get("/readyz").json["breakers"]  # type: ignore[index]
+        assert statuses["primary"]["state"] == "closed" and statuses["replica_1"]["state"] == "open"
+
+
+def test_an_open_primary_breaker_leaves_the_replicas_serving(topology: ReplicatedPostgres, database: URL) -> None:
+    with replica_app(topology, database) as app:
+        guards = app.extensions["myapp.database"].feature(Guards)
+        guards.breaker.slow_seconds = 0.0
+        client = app.test_client()
+        register_and_login(client, "still-reading")
+        topology.stop(topology.primary)
+        for _ in range(3):
+            client.post("/posts/new", data={"title": "refused", "body": "x"})  # each a failure to connect
+        assert guards.breaker.state == "open" and guards.replica_breakers["replica_1"].state == "closed"
+        page = client.get("/")
+        assert page.status_code == 200 and BANNER in page.text and ">still-reading<" in page.text
