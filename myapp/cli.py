@@ -126,7 +126,8 @@ def db_status() -> None:
     click.echo(f"{'backend':<9}{engine.dialect.name} ({engine.driver})")
     click.echo(f"{'url':<9}{mask_url(engine.url)}")
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    breakers = db.breakers_status()  # before this command's own statements succeed and close them
+    # Before this command's own statements succeed and close them.
+    breakers = {**db.breakers_status(), **db.node_breakers_status()}
     try:
         latency = db.ping()
     except SQLAlchemyError as error:

@@ -21,7 +21,8 @@ def healthz() -> dict[str, str]:
 def readyz() -> tuple[dict[str, object], int]:
     """Ready when the database accepts a new connection within the ping timeout and
     this worker's circuit breaker on the primary is closed (an open one answers at once,
-    no ping). ``breakers`` shows each server's: the primary's and each replica's.
+    no ping). ``breakers`` shows each server's: the primary's, each replica's, each
+    Galera node's.
 
     With replicas, each one's state and lag as this worker last checked it; a replica
     that is out does not make the app unready (its reads go to the primary). With the
@@ -31,7 +32,7 @@ def readyz() -> tuple[dict[str, object], int]:
     cluster, the node a new connection reaches, its state and the cluster size.
     """
     breaker = db.breaker_status()
-    extra: dict[str, object] = {"breaker": breaker, "breakers": db.breakers_status()}
+    extra: dict[str, object] = {"breaker": breaker, "breakers": {**db.breakers_status(), **db.node_breakers_status()}}
     replicas = db.replica_status()
     if replicas is not None:
         extra["replicas"] = replicas

@@ -62,6 +62,7 @@ class Breaker:
 
     def __init__(self, threshold: int, reset_seconds: float, probe: Callable[[], Any],
                  server: str = "primary") -> None:
+        self.server = server
         self.threshold = threshold
         self.reset_seconds = reset_seconds
         self.slow_seconds = SLOW_FAILURE_SECONDS
@@ -112,7 +113,7 @@ class Breaker:
     def _reopen(self, why: str) -> None:
         with self._lock:
             self.state, self.opened_at, self.last_error = "open", time.monotonic(), why
-        log.warning("database probe failed (%s); circuit stays open", why)
+        log.warning("database probe failed (%s; %s); circuit stays open", self.server, why)
 
     def record_success(self) -> None:
         if self.failures:
@@ -128,8 +129,8 @@ class Breaker:
         self._open_gauge.set(1)
         self._opens.inc()
         log.warning(
-            "database circuit open after %d failures in a row (last: %s): requests get a 503 "
-            "for %.1f s, then one probe", self.failures, self.last_error, self.reset_seconds,
+            "database circuit open after %d failures in a row (%s; last: %s): requests get a 503 "
+            "for %.1f s, then one probe", self.failures, self.server, self.last_error, self.reset_seconds,
         )
 
     def status(self) -> dict[str, Any]:
@@ -141,7 +142,7 @@ class Breaker:
             was, self.state, self.failures = self.state, "closed", 0
         if was != "closed":
             self._open_gauge.set(0)
-            log.warning("database circuit closed: %s", why)
+            log.warning("database circuit closed (%s): %s", self.server, why)
 
     def _refusal(self, retry_after: float) -> DatabaseUnavailable:
         return DatabaseUnavailable(
@@ -179,9 +180,10 @@ class Guards:
                 breaker = self._breaker(replica.label, make_engine(state.settings, probe=True, replica_url=url))
                 self.replica_breakers[replica.label] = breaker
                 replica.guard_with(breaker.allows)
+        connects_only = counts_only_connects(state)
         for number, engine in enumerate(state.serving):  # a replica's statement waits on a database too
             watching = self.breaker if number == 0 else self.replica_breakers.get(f"replica_{number}")
-            _watch(engine, watching, self.bulkhead)
+            _watch(engine, watching, self.bulkhead, connects_only=connects_only and number == 0)
         if self.bulkhead is not None:
             _admit_units(state.sessionmaker, self.bulkhead)
         state.openers.insert(0, self._admit)  # before anything else a session's birth does
@@ -213,6 +215,12 @@ class Guards:
         return self.breaker is not None and self.breaker.state != "closed"
 
 
+def counts_only_connects(state: AppState) -> bool:
+    """On a Galera cluster a lost connection is its node's failure (galera.py counts it
+    on the node's breaker); the cluster's breaker counts the connects no node took."""
+    return state.settings.galera is not None
+
+
 def _admit_units(maker: sessionmaker[Any], bulkhead: Bulkhead) -> None:
     """A session's unit of work is admitted as it begins, before its checkout, whose
     ping or connect may hang on a database that stopped answering."""
@@ -223,7 +231,7 @@ def _admit_units(maker: sessionmaker[Any], bulkhead: Bulkhead) -> None:
             bulkhead.admit()
 
 
-def _watch(engine: Engine, breaker: Breaker | None, bulkhead: Bulkhead | None) -> None:
+def _watch(engine: Engine, breaker: Breaker | None, bulkhead: Bulkhead | None, connects_only: bool = False) -> None:
     """Tell the bulkhead when a thread waits on the database and when it is answered,
     and the breaker each statement's outcome and each slow failure to connect or to get
     an answer. Waits are timed per thread: a dead connection's info cannot be read."""
@@ -247,7 +255,7 @@ def _watch(engine: Engine, breaker: Breaker | None, bulkhead: Bulkhead | None) -
     if bulkhead is not None:
         _watch_transaction_ends(engine, bulkhead)
     if breaker is not None:
-        _count_failures(engine, breaker, began)
+        _count_failures(engine, breaker, began, connects_only)
 
 
 def _watch_transaction_ends(engine: Engine, bulkhead: Bulkhead) -> None:
@@ -275,13 +283,15 @@ def _watch_transaction_ends(engine: Engine, bulkhead: Bulkhead) -> None:
     event.listen(engine, "handle_error", failed)
 
 
-def _count_failures(engine: Engine, breaker: Breaker, began: threading.local) -> None:
+def _count_failures(engine: Engine, breaker: Breaker, began: threading.local, connects_only: bool) -> None:
     @event.listens_for(engine, "handle_error")
     def _failed(context: Any) -> None:
         # A lost connection (a network timeout included) or a failed connect; not a
         # constraint, a deadlock or a statement timeout: the server answered those. A
         # failed pre-ping is followed by a connect attempt, which is what counts.
         if context.is_pre_ping or not (context.is_disconnect or context.connection is None):
+            return
+        if connects_only and context.connection is not None:
             return
         started = getattr(began, "at", None)
         if started is not None and time.monotonic() - started >= breaker.slow_seconds:

@@ -17,7 +17,12 @@ What this module does, on engines whose ``DATABASE_GALERA`` is set:
   goes to a ready node;
 - counts 1047 met mid-request as a disconnect, for the same reasons;
 - sets ``wsrep_sync_wait`` on each connection, when configured: causal reads, so that
-  a read on one node sees what was committed through another before it began.
+  a read on one node sees what was committed through another before it began;
+- gives each node a breaker of its own (with ``DATABASE_BREAKER_THRESHOLD``): a node's
+  failed connects and lost connections count there, a node whose breaker is open is
+  skipped while another may serve, and the cluster's breaker (``breaker.Guards``) only
+  counts connects that no node could take. So one failing node never refuses requests
+  that a ready node can serve.
 
 ``Galera`` is the feature; ``GaleraMethods`` gives ``db`` the node's status.
 """
@@ -25,12 +30,14 @@ What this module does, on engines whose ``DATABASE_GALERA`` is set:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, event, exc
 
+from .breaker import Breaker, ping_once
 from .config import GaleraSettings
+from .engines import make_engine
 from .metrics import GALERA_CLUSTER_SIZE, GALERA_NODE_STATE
 from .state import AppState, StateAccess
 
@@ -79,32 +86,56 @@ class Galera:
 
     def __init__(self, settings: GaleraSettings) -> None:
         self.settings = settings
+        self.node_breakers: dict[str, Breaker] = {}  # by "host:port"
 
     @classmethod
     def build(cls, settings: DatabaseSettings) -> Galera | None:
         return cls(settings.galera) if settings.galera is not None else None
 
     def install(self, state: AppState, app: Flask) -> None:
+        breaker = state.settings.breaker
+        if breaker is not None:
+            for host, port in self.settings.nodes:
+                url = state.settings.url.set(host=host, port=port).render_as_string(hide_password=False)
+                probe = partial(ping_once, make_engine(state.settings, probe=True, replica_url=url))
+                self.node_breakers[f"{host}:{port}"] = Breaker(breaker.threshold, breaker.reset_seconds, probe,
+                                                               server=f"galera {host}:{port}")
         for engine in (state.engine, state.probe_engine):
             # After the listener that names the connection: the first do_connect
             # listener that returns a connection is the one SQLAlchemy uses.
-            event.listen(engine, "do_connect", _NodeChooser(self.settings))
+            event.listen(engine, "do_connect", _NodeChooser(self.settings, self.node_breakers))
             _check_readiness_at_checkout(engine)
             event.listen(engine, "handle_error", node_not_ready_is_a_disconnect)
+        if self.node_breakers:
+            event.listen(state.engine, "handle_error", partial(_count_node_failure, self.node_breakers))
 
 
 class _NodeChooser:
     """A ``do_connect`` listener: a connection to the first ready node, trying the
     nodes in turn (from the first, pinned; from the next one each time, spread)."""
 
-    def __init__(self, settings: GaleraSettings) -> None:
+    def __init__(self, settings: GaleraSettings, breakers: dict[str, Breaker] | None = None) -> None:
         self.settings = settings
         self._starts = itertools.count()
+        self._breakers = breakers or {}
 
-    def _order(self) -> Iterator[tuple[str, int]]:
+    def _order(self) -> list[tuple[str, int]]:
+        """The nodes to try, in turn; those whose breaker is open left out, unless every
+        one's is (then all are tried: better than refusing without trying)."""
         nodes = self.settings.nodes
         first = next(self._starts) % len(nodes) if self.settings.mode == "spread" else 0
-        return itertools.chain(nodes[first:], nodes[:first])
+        ordered = [*nodes[first:], *nodes[:first]]
+        allowed = [node for node in ordered if self._allows(*node)]
+        return allowed or ordered
+
+    def _allows(self, host: str, port: int) -> bool:
+        breaker = self._breakers.get(f"{host}:{port}")
+        return breaker is None or breaker.allows()
+
+    def _failed(self, host: str, port: int, error: BaseException) -> None:
+        breaker = self._breakers.get(f"{host}:{port}")
+        if breaker is not None:
+            breaker.record_failure(error)
 
     def __call__(self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
         dbapi = dialect.loaded_dbapi
@@ -115,6 +146,7 @@ class _NodeChooser:
                 connection = dbapi.connect(*cargs, **{**cparams, "host": host, "port": port})
             except dbapi.Error as error:
                 last_error = error
+                self._failed(host, port, error)
                 refusals.append(f"{host}:{port} {error.args[-1] if error.args else error}")
                 GALERA_NODE_STATE.labels(f"{host}:{port}").set(0)
                 continue
@@ -126,6 +158,9 @@ class _NodeChooser:
                 connection.close()  # never leak the socket, whatever went wrong
                 raise
             if refusal is None:
+                breaker = self._breakers.get(f"{host}:{port}")
+                if breaker is not None:
+                    breaker.record_success()
                 record.info[NODE_KEY] = f"{host}:{port}"
                 record.info[_JUST_CHECKED] = True
                 return connection
@@ -176,6 +211,17 @@ def _check_readiness_at_checkout(engine: Engine) -> None:
             cursor.close()
 
 
+def _count_node_failure(breakers: dict[str, Breaker], context: Any) -> None:
+    """A connection to a node was lost (a network timeout, a 1047): that node's failure,
+    not the cluster's."""
+    connection = context.connection
+    if connection is None or context.is_pre_ping or not context.is_disconnect:
+        return
+    breaker = breakers.get(connection.info.get(NODE_KEY, ""))
+    if breaker is not None:
+        breaker.record_failure(context.original_exception)
+
+
 def node_not_ready_is_a_disconnect(context: Any) -> None:
     """1047 mid-request: the node left the Primary component under this connection."""
     args = getattr(context.original_exception, "args", ())
@@ -194,6 +240,13 @@ class GaleraMethods(StateAccess):
         if galera is None:
             return None
         return {"mode": galera.settings.mode, **status(state.probe_engine)}
+
+    def node_breakers_status(self) -> dict[str, dict[str, Any]]:
+        """Each Galera node's breaker in this process, by "galera host:port"."""
+        galera = self.app_state().feature(Galera)
+        if galera is None:
+            return {}
+        return {breaker.server: breaker.status() for breaker in galera.node_breakers.values()}
 
 
 def status(engine: Engine) -> dict[str, Any]:

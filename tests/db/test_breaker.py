@@ -162,7 +162,7 @@ def test_breaker_closes_when_the_probe_answers(app: Flask, caplog: pytest.LogCap
     assert client.get("/").status_code == 200  # the probe answered: traffic resumes
     assert sample("myapp_db_breaker_open", server="primary") == 0
     assert breaker.status() == {"state": "closed", "failures_in_a_row": 0, "last_error": "RuntimeError: simulated loss"}
-    assert "database circuit closed: the probe answered" in caplog.text
+    assert "database circuit closed (primary): the probe answered" in caplog.text
 
 
 @pytest.mark.real_commits

@@ -22,18 +22,23 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 
+from myapp.db import breaker as breaker_module
+from myapp.db import db
 from myapp.db import galera as galera_module
+from myapp.db.breaker import Guards
 from myapp.models import Post, User
 from tests.support.apps import make_app
 from tests.support.metrics import sample
+from tests.support.relay import Relay, relay
 from tests.topology import GaleraCluster, GaleraNode
 from tests.topology.fixtures import galera, galera_session  # noqa: F401 (fixtures)
 
@@ -576,3 +581,81 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# -- a breaker per node (issue 19) ------------------------------------------------------------------
+
+THRESHOLD = 3  # DATABASE_BREAKER_THRESHOLD's default
+
+
+def _two_node_app(cluster: GaleraCluster, database: str, first: Relay) -> Flask:
+    """A cluster URL whose first node is a relay to node 1, the second node 2; a route
+    that reads, waits, and reads again."""
+    url = cluster.nodes[0].url(database).set(port=first.port).update_query_dict({"host": cluster.nodes[1].address})
+    app = make_app(url, PROPAGATE_EXCEPTIONS=False, DATABASE_GALERA="pinned", DATABASE_GALERA_SYNC_WAIT=0,
+                   DATABASE_NETWORK_TIMEOUT=1, DATABASE_CONNECT_TIMEOUT=1, DATABASE_BREAKER_RESET=30,
+                   DATABASE_POOL_SIZE=THRESHOLD)
+    entered, resume = threading.Barrier(THRESHOLD + 1), threading.Event()
+
+    @app.get("/_test/read-wait-read")
+    def read_wait_read() -> str:
+        db.session.execute(text("SELECT 1"))
+        entered.wait(10)
+        resume.wait(10)
+        db.session.execute(text("SELECT 2"))  # on a node gone silent meanwhile
+        return "ok"
+
+    app.extensions["test.pause"] = (entered, resume)
+    return app
+
+
+def _statements_lost_on_the_first_node(app: Flask, first: Relay) -> list[int]:
+    """THRESHOLD requests hold connections to node 1 when it goes silent under their
+    second statement; then two more requests."""
+    entered, resume = app.extensions["test.pause"]
+    with ThreadPoolExecutor(THRESHOLD) as pool:
+        futures = [pool.submit(lambda: app.test_client().get("/_test/read-wait-read").status_code)
+                   for _ in range(THRESHOLD)]
+        entered.wait(10)
+        first.silent.set()
+        resume.set()
+        lost = [future.result(timeout=30) for future in futures]
+    return lost + [app.test_client().get("/").status_code for _ in range(2)]
+
+
+def test_lost_connections_on_one_node_open_its_breaker_and_the_next_node_serves(
+    galera: GaleraCluster, database: str  # noqa: F811
+) -> None:
+    """Three slow failures on one node open its breaker, never the cluster's (they
+    used to); the next requests go to the other node."""
+    with relay(("127.0.0.1", galera.nodes[0].port)) as first:
+        app = _two_node_app(galera, database, first)
+        state = app.extensions["myapp.database"]
+        node_breaker = state.feature(galera_module.Galera).node_breakers[f"127.0.0.1:{first.port}"]
+        try:
+            pages = _statements_lost_on_the_first_node(app, first)
+            assert pages == [503] * THRESHOLD + [200, 200], pages
+            assert node_breaker.state == "open" and state.feature(Guards).breaker.state == "closed"
+            ready = app.test_client().get("/readyz")
+            assert ready.status_code == 200
+            breakers = ready.json["breakers"]  # type: ignore[index]
+            assert breakers["primary"]["state"] == "closed"
+            assert breakers[f"galera 127.0.0.1:{first.port}"]["state"] == "open"
+            assert breakers[f"galera {galera.nodes[1].address}"]["state"] == "closed"
+        finally:
+            dispose(app)
+
+
+def test_negative_control_counted_for_the_cluster_they_refuse_what_another_node_could_serve(
+    galera: GaleraCluster, database: str, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    monkeypatch.setattr(breaker_module, "counts_only_connects", lambda state: False)
+    monkeypatch.setattr(galera_module, "_count_node_failure", lambda breakers, context: None)
+    with relay(("127.0.0.1", galera.nodes[0].port)) as first:
+        app = _two_node_app(galera, database, first)
+        try:
+            pages = _statements_lost_on_the_first_node(app, first)
+            assert app.extensions["myapp.database"].feature(Guards).breaker.state == "open"
+            assert pages == [503] * (THRESHOLD + 2), pages
+        finally:
+            dispose(app)
