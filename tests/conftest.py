@@ -18,7 +18,7 @@ from sqlalchemy import event
 
 from myapp.db import db
 from myapp.db.session import AppSession
-from tests.support.apps import make_app, migrate
+from tests.support.apps import dispose_app, make_app, migrate
 from tests.support.auth import AuthActions
 from tests.support.certification import CertificationFailures
 from tests.support.databases import BACKENDS, UNREACHABLE_URLS, Backend, delete_all_rows, throwaway_database
@@ -106,8 +106,7 @@ def app_factory(backend: Backend) -> Iterator[Callable[..., Flask]]:
 
     yield factory
     for each in made:
-        for engine in each.extensions["myapp.database"].serving:
-            engine.dispose()
+        dispose_app(each)
 
 
 @pytest.fixture

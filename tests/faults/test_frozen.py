@@ -10,7 +10,8 @@ With the deadline (``DATABASE_NETWORK_TIMEOUT``, 10 s by default) a wait past it
 the watchdog ask the server for a fresh connection (the ping's 2 s); it goes
 unanswered, so the waits are abandoned and the connects that follow fail at once.
 Negative control: ``DATABASE_NETWORK_TIMEOUT=0``, no deadline: the requests hang until
-the server thaws.
+the server thaws. With a replica the reads go on, served by it under the read-only
+banner, and only the write waits for its deadline.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from sqlalchemy.engine import URL
 
 from myapp.db import db
 from myapp.models import User
-from tests.support.apps import make_app
+from tests.support.apps import dispose_app, make_app
 from tests.support.servers import PostgresServer, ThrowawayServer
+from tests.topology import ReplicatedPostgres
+from tests.topology.fixtures import replicated, replicated_session  # noqa: F401 (fixtures)
 
 from .figures import record
 
@@ -104,7 +107,7 @@ def test_every_request_during_a_freeze_is_answered_within_15_s(
             assert time.monotonic() < deadline, "the site did not come back after the thaw"
             time.sleep(0.2)
     finally:
-        app.extensions["myapp.database"].engine.dispose()
+        dispose_app(app)
 
 
 def test_negative_control_without_the_deadline_requests_hang_until_the_thaw(
@@ -119,4 +122,38 @@ def test_negative_control_without_the_deadline_requests_hang_until_the_thaw(
                "requests still waiting when the server thawed", hung, f"{CLIENTS} (they hang)", hung == CLIENTS)
         assert hung == CLIENTS, results
     finally:
-        app.extensions["myapp.database"].engine.dispose()
+        dispose_app(app)
+
+
+# -- with a replica: the reads go on -------------------------------------------------------------
+
+
+@pytest.fixture
+def replicated_db(replicated: ReplicatedPostgres) -> Iterator[tuple[ReplicatedPostgres, URL]]:  # noqa: F811
+    with replicated.primary.database() as url:
+        for standby in replicated.standbys:
+            replicated.wait_for_replay(standby)
+        yield replicated, url
+
+
+def test_with_a_replica_the_reads_go_on_during_a_freeze(replicated_db: tuple[ReplicatedPostgres, URL]) -> None:
+    """The primary frozen, the standby well: the reads are served from the standby under
+    the read-only banner at once, the write gets its 503 within 15 s."""
+    topology, url = replicated_db
+    standby_url = topology.standbys[0].url(str(url.database)).render_as_string(hide_password=False)
+    app = _app(url, DATABASE_REPLICA_URLS=standby_url, DATABASE_REPLICA_CHECK_INTERVAL=0.2)
+    try:
+        results = _under_freeze(topology.primary, app)
+        reads, (write_status, write_seconds) = results[:-1], results[-1]
+        slowest_read = max(seconds for _, seconds in reads)
+        scenario, injected = "19a frozen server, with a replica", f"SIGSTOP on the primary for {FREEZE:g} s"
+        record(scenario, "postgresql", injected, "reads answered 200 from the replica",
+               sum(status == 200 for status, _ in reads), f"{len(reads)}", all(s == 200 for s, _ in reads))
+        record(scenario, "postgresql", injected, "slowest read (s)", round(slowest_read, 2), "<= 15",
+               slowest_read <= GOAL)
+        record(scenario, "postgresql", injected, "the write's answer (s)", round(write_seconds, 2), "<= 15 (503)",
+               write_status == 503 and write_seconds <= GOAL)
+        assert [status for status, _ in reads] == [200] * len(reads) and slowest_read <= GOAL, results
+        assert write_status == 503 and write_seconds <= GOAL, results
+    finally:
+        dispose_app(app)

@@ -35,3 +35,15 @@ def migrate(url: URL | str) -> None:
     with migrator.app_context():
         command.upgrade(alembic_config(), "head")
     migrator.extensions["myapp.database"].engine.dispose()
+
+
+def dispose_app(app: Flask) -> None:
+    """Close every connection an app holds: its engines, its replicas' and their checks'."""
+    from myapp.db.replication import Replicas
+
+    state = app.extensions["myapp.database"]
+    for engine in (*state.serving, state.probe_engine):
+        engine.dispose()
+    replicas = state.feature(Replicas)
+    if replicas is not None:
+        replicas.replica_set.dispose()
