@@ -16,8 +16,19 @@ def test_the_listed_order_until_a_host_answers() -> None:
     assert choice.order() == [("old", "5432"), ("new", "5433")]
     choice.answered("new", "5433")
     assert choice.order() == [("new", "5433"), ("old", "5432")]
-    choice.failed()
+    choice.failed()  # the last good host failed: the listed order, without it first
     assert choice.order() == [("old", "5432"), ("new", "5433")]
+    choice.failed()  # the first listed host failed too: next time it is tried last
+    assert choice.order() == [("new", "5433"), ("old", "5432")]
+
+
+def test_a_failed_first_host_goes_last_until_a_host_answers() -> None:
+    choice = LastGoodHost(["a", "b", "c"], ["1", "2", "3"])
+    choice.order()
+    choice.failed()
+    assert choice.order() == [("b", "2"), ("c", "3"), ("a", "1")]
+    choice.answered("c", "3")
+    assert choice.order() == [("c", "3"), ("a", "1"), ("b", "2")]
 
 
 def test_a_host_not_in_the_list_changes_nothing() -> None:

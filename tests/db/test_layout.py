@@ -180,6 +180,8 @@ ALLOWED = [
     Allowed("myapp/db/instrumentation.py", "conn.info[...]", _CONNECTION_INFO),
     Allowed("myapp/db/galera.py", "record.info[...]",
             "SQLAlchemy documents ConnectionPoolEntry.info as the user's dictionary on a pooled connection"),
+    Allowed("myapp/db/hosts.py", "record.info[...]",
+            "SQLAlchemy documents ConnectionPoolEntry.info as the user's dictionary on a pooled connection"),
     Allowed("myapp/db/engines.py", "cparams[...]",
             "SQLAlchemy documents modifying cparams in place in a do_connect listener"),
     Allowed("myapp/db/hosts.py", "cparams[...]",
