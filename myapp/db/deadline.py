@@ -204,6 +204,11 @@ def _watch_waits(engine: Engine, watchdog: Watchdog) -> None:
         watchdog.begin(cursor.connection)
 
     def transaction_end(connection: Any) -> None:
+        # A connection invalidated under a statement (its server session ended) sends no
+        # ROLLBACK, so there is no wait; and asking it for its DB-API connection would
+        # raise PendingRollbackError in place of the error that invalidated it.
+        if connection.invalidated or connection.closed:
+            return
         watchdog.begin(connection.connection.dbapi_connection)
 
     event.listen(engine, "before_cursor_execute", statement)

@@ -65,11 +65,17 @@ class Replicas:
 
     def _read_from_replicas(self, session: AppSession, reading: bool) -> None:
         """A read-only request's session may read from a replica that has replayed the
-        WAL position of its user's last commit."""
+        WAL position of its user's last commit.
+
+        It starts read-only when the primary's breaker refused it, or when the
+        replicas' last check could not reach the primary and a replica is healthy. That
+        check's word is up to an interval old: with no healthy replica to read from, the
+        primary is asked (a failure then goes read-only, and gets its 503, as usual)."""
         if reading:
             state = state_of(session)
-            read_only = self.settings.read_only_mode and (
-                state.primary_unreachable or self.replica_set.primary_unreachable)
+            read_only_by_check = self.replica_set.primary_unreachable and any(
+                replica.state == "healthy" for replica in self.replica_set.replicas)
+            read_only = self.settings.read_only_mode and (state.primary_unreachable or read_only_by_check)
             state.reads = routing.ReplicaReads(self.replica_set, sticking.required_lsn(), read_only=read_only,
                                                may_go_read_only=self.settings.read_only_mode)
 

@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import pytest
 from flask import Flask
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
 from myapp.db import db
 from myapp.db.deadline import Deadlines
@@ -66,3 +67,31 @@ def test_a_stale_wait_never_shuts_down_a_socket_that_another_connection_reuses(b
         assert second.execute("SELECT 1").fetchone() == (1,)
     finally:
         second.close()
+
+
+@pytest.mark.backends("postgresql")
+def test_a_connection_lost_inside_a_transaction_fails_as_a_lost_connection(app_factory: AppFactory) -> None:
+    """The server session of a unit of work ends under it (a crashed or restarted
+    server; here pg_terminate_backend). The rollback that follows sends nothing on the
+    invalidated connection, so the deadline has no wait to watch: the request must end
+    as the lost connection it met, a 503, not as PendingRollbackError, a 500 (the
+    rollback listener used to ask the dead connection for its socket: seen in scenario
+    19d, the Patroni leader's PostgreSQL killed under load)."""
+    app = app_factory(DATABASE_NETWORK_TIMEOUT=5, PROPAGATE_EXCEPTIONS=False)
+    killer = create_engine(app.extensions["myapp.database"].engine.url, poolclass=NullPool)
+
+    @app.post("/_test/lose-the-connection")
+    def lose_the_connection() -> str:
+        with db.transaction() as session:
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            with killer.connect() as connection:
+                connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            session.execute(text("SELECT 1"))  # the session's connection is gone
+        return "not reached"
+
+    try:
+        response = app.test_client().post("/_test/lose-the-connection")
+    finally:
+        killer.dispose()
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"]

@@ -765,6 +765,33 @@ def test_with_the_primary_stopped_pages_are_read_from_the_replica_under_a_banner
         assert client.get("/readyz").json["status"] == "ready"  # type: ignore[index]
 
 
+def test_with_no_healthy_replica_a_stale_unreachable_primary_is_asked_again(
+    topology: ReplicatedPostgres, database: URL
+) -> None:
+    """The replicas' last check could not reach the primary and found no replica
+    healthy; the primary is back before the next check, and the breaker is closed.
+    Read-only mode has no replica to read from, so pages are read from the primary
+    rather than refused. (Seen under Patroni, scenario 19d: after the failover the new
+    leader took writes while every GET got a 503 "the primary is unreachable and no
+    replica is healthy" until the next check.) With the primary still down, a page is
+    a 503 as before."""
+    primary, standby = topology.primary, topology.standbys[0]
+    with replica_app(topology, database, DATABASE_REPLICA_CHECK_INTERVAL=3600) as app:
+        client = app.test_client()
+        register_and_login(client, "stale")
+        publish(client, "Written before the outage")
+        topology.stop(standby)
+        topology.stop(primary)
+        replicas_of(app).check()
+        assert replicas_of(app).primary_unreachable and replicas_of(app).replicas[0].state == "down"
+        assert client.get("/").status_code == 503
+        topology.start(primary)
+        page = client.get("/")
+        assert page.status_code == 200, page.text
+        assert page.headers["X-Read-From"] == "primary" and "Written before the outage" in page.text
+        assert ">stale<" in page.text  # still signed in: the user row read from the primary too
+
+
 def test_negative_control_read_only_mode_off_the_same_pages_get_503s(
     topology: ReplicatedPostgres, database: URL
 ) -> None:

@@ -34,7 +34,11 @@ Settings that matter, in the cluster's dynamic configuration (etcd):
 
 HAProxy checks every :data:`CHECK_INTERVAL`, marks a node down after ``fall 2`` and up
 after ``rise 1``, and ``on-marked-down shutdown-sessions`` resets the client connections
-of a node marked down, so that a client sees an error rather than a hang.
+of a node marked down, so that a client sees an error rather than a hang. ``retries 0``
+(:data:`RETRIES`): a node that refuses (its PostgreSQL dead, not yet marked down) closes
+the client's connection at once. HAProxy's default, 3 retries each after up to 1 s, holds
+every new client for longer than the app's connect timeout instead (scenario 19d measured
+what that costs: tests/faults/test_patroni.py).
 
 Seen with Debian 12's Patroni 3.0.2, etcd 3.4.23 and HAProxy 2.6.12, which a scenario
 on this stack has to allow for:
@@ -89,6 +93,7 @@ HAPROXY = "/usr/sbin/haproxy"
 
 TTL, LOOP_WAIT, RETRY_TIMEOUT = 10, 2, 3
 CHECK_INTERVAL = "500ms"  # HAProxy's health check period (fall 2, rise 1)
+RETRIES: int | None = 0  # HAProxy's retries of a refused server connection (None: its default, 3)
 STOP_TIMEOUT = 30.0
 NAMES = ("node1", "node2")
 NAMESPACE = "/myapp/"  # Patroni's keys in etcd: NAMESPACE + scope + "/leader", "/initialize", ...
@@ -319,6 +324,7 @@ class HAProxy:
         self.log = root / "haproxy.log"
         self.write_port = free_port()
         self.read_port = free_port()
+        self.retries = RETRIES
         self.process: subprocess.Popen[bytes] | None = None
 
     def write_config(self, nodes: list[PatroniNode]) -> None:
@@ -327,6 +333,7 @@ class HAProxy:
                 f"listen {name}",
                 f"    bind 127.0.0.1:{port}",
                 "    balance roundrobin",
+                *([f"    retries {self.retries}"] if self.retries is not None else []),
                 f"    option httpchk OPTIONS {check}",
                 "    http-check expect status 200",
                 f"    default-server inter {CHECK_INTERVAL} fall 2 rise 1 on-marked-down shutdown-sessions",
@@ -365,6 +372,14 @@ class HAProxy:
 
     def stop(self) -> None:
         _stop_process(self.process)
+
+    def restart(self, nodes: list[PatroniNode]) -> None:
+        """Stop, write the configuration again (after a change to ``retries``, say) and
+        start, on the same ports; every client connection is cut."""
+        self.stop()
+        self.socket.unlink(missing_ok=True)
+        self.write_config(nodes)
+        self.start()
 
     def servers_up(self, listener: str) -> list[str]:
         """The servers of ``listener`` ("write" or "read") that HAProxy sends clients to now."""
