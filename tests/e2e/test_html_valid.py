@@ -158,6 +158,21 @@ def _visit_anonymous_reader(pages: Pages, post_id: int) -> None:
     pages.visit("post page, logged out", f"/posts/{post_id}")
 
 
+def _read_only_503(app: Flask) -> str:
+    """The page a form sent in read-only mode gets: the banner (the replica behind the
+    visitor), the 503, the typed fields given back, the request id."""
+    from flask import render_template
+
+    from myapp.db.replication import ReadOnlyMode
+
+    with app.test_request_context("/posts/new", method="POST"):
+        return render_template(
+            "error.html", code=503, title="Temporarily unavailable", message="The database cannot be reached.",
+            request_id="4f1c0a9e2b7d35c8e6a1", read_only=ReadOnlyMode("replica 1", True), kept_action="/posts/new",
+            kept=[("title", "A title"), ("body", "\nfirst line\n<b>not bold</b> & more")],
+        )
+
+
 def _unlabelled(html: str) -> str:
     """The login form with the username field's label taken away."""
     broken, count = re.subn(r'<label for="username">.*?</label>', "", html, flags=re.S)
@@ -187,8 +202,11 @@ def test_every_page_is_valid_html_and_accessible(
     _visit_error_pages(pages, post_id, "logged out")
     expect(page.locator(".site-header .who")).to_have_count(0)
 
+    read_only = "503 in read-only mode, the typed text given back"
+    page.set_content(_read_only_503(app))
+    assert axe.audit(page) == [], read_only
     control = "control: issue 16 put back into the post page"
-    documents = {**pages.html, control: _control(pages.html["post page, logged out"])}
+    documents = {**pages.html, read_only: _read_only_503(app), control: _control(pages.html["post page, logged out"])}
     messages, seconds = check(html_checker, documents, tmp_path / "pages")
     print(f"vnu checked {len(documents)} pages in {seconds:.1f} s")
 
