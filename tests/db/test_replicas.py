@@ -10,8 +10,6 @@ Every scenario has a negative control that shows the check catching the fault.
 
 from __future__ import annotations
 
-from html.parser import HTMLParser
-
 import logging
 import threading
 import time
@@ -34,6 +32,7 @@ from myapp.db.replicas import ReplicaSet
 from myapp.db.replication import Replicas
 from myapp.models import Post, RateLimit, User
 from tests.support.apps import make_app
+from tests.support.forms import textareas
 from tests.support.metrics import Delta, exists, sample
 from tests.topology import PgNode, ReplicatedPostgres
 from tests.topology.fixtures import (  # noqa: F401 (fixtures)
@@ -805,30 +804,6 @@ def test_negative_control_read_only_mode_off_the_same_pages_get_503s(
         assert client.get("/readyz").status_code == 503
 
 
-class _Textareas(HTMLParser):
-    """The textareas of a page as a browser reads them: by name, with the one newline
-    right after the start tag dropped, as HTML says."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.values: dict[str, str] = {}
-        self._name: str | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "textarea":
-            self._name = dict(attrs)["name"]
-            self.values[self._name or ""] = ""
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "textarea" and self._name is not None:
-            self.values[self._name] = self.values[self._name].removeprefix("\n")
-            self._name = None
-
-    def handle_data(self, data: str) -> None:
-        if self._name is not None:
-            self.values[self._name] += data
-
-
 def test_a_post_while_read_only_gives_back_exactly_what_was_typed(
     topology: ReplicatedPostgres, database: URL
 ) -> None:
@@ -840,15 +815,11 @@ def test_a_post_while_read_only_gives_back_exactly_what_was_typed(
         response = client.post("/posts/new", data={"title": "Unsaved", "body": typed})
         assert response.status_code == 503 and response.headers["Retry-After"]
         assert BANNER in response.text and 'action="/posts/new"' in response.text
-        textareas = _Textareas()
-        textareas.feed(response.text)
-        assert textareas.values == {"title": "Unsaved", "body": typed}
+        assert textareas(response.text) == {"title": "Unsaved", "body": typed}
         login = client.post("/auth/login", data={"username": "writer", "password": "typed secret"})
         # The limiter's counts live on the primary: logging in fails closed, the name kept.
         assert login.status_code == 503 and "typed secret" not in login.text
-        textareas = _Textareas()
-        textareas.feed(login.text)
-        assert textareas.values == {"username": "writer"}
+        assert textareas(login.text) == {"username": "writer"}
         topology.start(topology.primary)
         with app.app_context(), db.use_primary():
             assert db.session.scalar(select(func.count()).select_from(Post).where(Post.title == "Unsaved")) == 0
