@@ -825,6 +825,40 @@ def test_a_post_while_read_only_gives_back_exactly_what_was_typed(
             assert db.session.scalar(select(func.count()).select_from(Post).where(Post.title == "Unsaved")) == 0
 
 
+@pytest.mark.xfail(strict=True, reason="one bulkhead for every server: found by scenario 19b, not fixed yet")
+def test_a_page_the_replica_serves_is_not_refused_because_the_primary_holds_every_slot(
+    topology: ReplicatedPostgres, database: URL
+) -> None:
+    """Found by scenario 19b (tests/faults/test_read_only.py): in the first seconds of a
+    silent partition, before any breaker opens, the requests waiting on the primary (the
+    writes, a read that sticks to it) hold every slot of a worker's bulkhead, and pages
+    that a healthy replica would serve get a 503 "too busy". In small: one slot, held by
+    a unit of work that waits on the primary past the bulkhead timeout, and a visitor's
+    page that reads from the replica. Strict: it fails once the contagion is gone."""
+    with replica_app(topology, database, DATABASE_BULKHEAD=1, DATABASE_BULKHEAD_TIMEOUT=0.2) as app:
+
+        @app.post("/_test/slow-unit")
+        def slow_unit() -> str:
+            with db.transaction() as session:
+                session.execute(text("SELECT pg_sleep(3)"))
+            return "done"
+
+        client = app.test_client()
+        assert in_recovery(client) == (True, "replica 1")  # nothing waits: the replica serves it
+        waiting = threading.Thread(target=lambda: app.test_client().post("/_test/slow-unit"))
+        waiting.start()
+        wait_until(lambda: topology.primary.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = 'SELECT pg_sleep(3)'"
+        )[0][0] == 1, 5, "the unit to wait on the primary")
+        time.sleep(0.3)  # past the bulkhead timeout
+        try:
+            response = client.get("/_test/where")
+        finally:
+            waiting.join(10)
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Read-From"] == "replica 1"
+
+
 # -- a breaker per server (issue 19) ----------------------------------------------------------------
 
 
