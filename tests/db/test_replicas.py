@@ -10,8 +10,6 @@ Every scenario has a negative control that shows the check catching the fault.
 
 from __future__ import annotations
 
-from html.parser import HTMLParser
-
 import logging
 import threading
 import time
@@ -34,6 +32,7 @@ from myapp.db.replicas import ReplicaSet
 from myapp.db.replication import Replicas
 from myapp.models import Post, RateLimit, User
 from tests.support.apps import make_app
+from tests.support.forms import textareas
 from tests.support.metrics import Delta, exists, sample
 from tests.topology import PgNode, ReplicatedPostgres
 from tests.topology.fixtures import (  # noqa: F401 (fixtures)
@@ -805,30 +804,6 @@ def test_negative_control_read_only_mode_off_the_same_pages_get_503s(
         assert client.get("/readyz").status_code == 503
 
 
-class _Textareas(HTMLParser):
-    """The textareas of a page as a browser reads them: by name, with the one newline
-    right after the start tag dropped, as HTML says."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.values: dict[str, str] = {}
-        self._name: str | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "textarea":
-            self._name = dict(attrs)["name"]
-            self.values[self._name or ""] = ""
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "textarea" and self._name is not None:
-            self.values[self._name] = self.values[self._name].removeprefix("\n")
-            self._name = None
-
-    def handle_data(self, data: str) -> None:
-        if self._name is not None:
-            self.values[self._name] += data
-
-
 def test_a_post_while_read_only_gives_back_exactly_what_was_typed(
     topology: ReplicatedPostgres, database: URL
 ) -> None:
@@ -840,18 +815,48 @@ def test_a_post_while_read_only_gives_back_exactly_what_was_typed(
         response = client.post("/posts/new", data={"title": "Unsaved", "body": typed})
         assert response.status_code == 503 and response.headers["Retry-After"]
         assert BANNER in response.text and 'action="/posts/new"' in response.text
-        textareas = _Textareas()
-        textareas.feed(response.text)
-        assert textareas.values == {"title": "Unsaved", "body": typed}
+        assert textareas(response.text) == {"title": "Unsaved", "body": typed}
         login = client.post("/auth/login", data={"username": "writer", "password": "typed secret"})
         # The limiter's counts live on the primary: logging in fails closed, the name kept.
         assert login.status_code == 503 and "typed secret" not in login.text
-        textareas = _Textareas()
-        textareas.feed(login.text)
-        assert textareas.values == {"username": "writer"}
+        assert textareas(login.text) == {"username": "writer"}
         topology.start(topology.primary)
         with app.app_context(), db.use_primary():
             assert db.session.scalar(select(func.count()).select_from(Post).where(Post.title == "Unsaved")) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="one bulkhead for every server: found by scenario 19b, not fixed yet")
+def test_a_page_the_replica_serves_is_not_refused_because_the_primary_holds_every_slot(
+    topology: ReplicatedPostgres, database: URL
+) -> None:
+    """Found by scenario 19b (tests/faults/test_read_only.py): in the first seconds of a
+    silent partition, before any breaker opens, the requests waiting on the primary (the
+    writes, a read that sticks to it) hold every slot of a worker's bulkhead, and pages
+    that a healthy replica would serve get a 503 "too busy". In small: one slot, held by
+    a unit of work that waits on the primary past the bulkhead timeout, and a visitor's
+    page that reads from the replica. Strict: it fails once the contagion is gone."""
+    with replica_app(topology, database, DATABASE_BULKHEAD=1, DATABASE_BULKHEAD_TIMEOUT=0.2) as app:
+
+        @app.post("/_test/slow-unit")
+        def slow_unit() -> str:
+            with db.transaction() as session:
+                session.execute(text("SELECT pg_sleep(3)"))
+            return "done"
+
+        client = app.test_client()
+        assert in_recovery(client) == (True, "replica 1")  # nothing waits: the replica serves it
+        waiting = threading.Thread(target=lambda: app.test_client().post("/_test/slow-unit"))
+        waiting.start()
+        wait_until(lambda: topology.primary.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = 'SELECT pg_sleep(3)'"
+        )[0][0] == 1, 5, "the unit to wait on the primary")
+        time.sleep(0.3)  # past the bulkhead timeout
+        try:
+            response = client.get("/_test/where")
+        finally:
+            waiting.join(10)
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Read-From"] == "replica 1"
 
 
 # -- a breaker per server (issue 19) ----------------------------------------------------------------

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,7 @@ class Call:
     status: int | None  # None: no answer (timeout or reset)
     retry_after: str | None
     body: str
+    client: int = -1  # which client of the load sent it (its place in run_load's ``clients``)
 
     def succeeded(self) -> bool:
         expected = 302 if self.kind == "write" else 200
@@ -72,6 +74,47 @@ class Outage:
     ready_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class Request:
+    """What a client of the load sends next: a GET of ``path``, or, with ``form``, a POST
+    of those fields (and the client's CSRF token) that is not redirected."""
+
+    kind: str  # Call.kind
+    path: str
+    title: str | None = None  # a write's unique title, as Call.title
+    form: dict[str, str] | None = None
+
+
+@dataclass
+class Client:
+    """One client of the load: its HTTP session, its CSRF token ("" for a visitor who
+    never posts), and the request it sends at each step (1, 2, ...)."""
+
+    browser: requests.Session
+    token: str
+    plan: Callable[[int], Request]
+
+
+def mixed_clients(base_url: str) -> list[Client]:
+    """The default load: ``CLIENTS`` logged-in clients; each reads the index two steps in
+    three and writes a post the third, every twelfth step a form the app must refuse."""
+    run = secrets.token_hex(3)
+    clients = []
+    for number in range(CLIENTS):
+        browser, token = logged_in_browser(base_url, f"load{run}{number}")
+        clients.append(Client(browser, token, partial(_mixed_step, f"h{run}-{number}")))
+    return clients
+
+
+def _mixed_step(prefix: str, step: int) -> Request:
+    if step % 3:
+        return Request("read", "/")
+    kind = "invalid" if step % 12 == 0 else "write"
+    title = f"{prefix}-{step}"
+    body = "" if kind == "invalid" else "written under fault"
+    return Request(kind, "/posts/new", title, {"title": title, "body": body})
+
+
 def run_load(
     base_url: str,
     seconds: float,
@@ -79,14 +122,14 @@ def run_load(
     inject: Callable[[], float],
     quiet_outage: bool,
     after_ready: float = 0.0,
+    clients: list[Client] | None = None,
 ) -> tuple[list[Call], Outage]:
-    """Run ``CLIENTS`` clients for ``seconds``; at ``fault_at`` call ``inject``, which
-    returns when the server is ready again. With ``quiet_outage`` the clients hold
-    their requests from just before the fault until the server is back. The load goes
-    on for at least ``after_ready`` seconds after that, however slowly the server came
-    back: a recovery is judged on what followed it."""
-    run = secrets.token_hex(3)
-    browsers = [logged_in_browser(base_url, f"load{run}{n}") for n in range(CLIENTS)]
+    """Run the ``clients`` (by default ``mixed_clients``) for ``seconds``; at ``fault_at``
+    call ``inject``, which returns when the server is ready again. With ``quiet_outage``
+    the clients hold their requests from just before the fault until the server is back.
+    The load goes on for at least ``after_ready`` seconds after that, however slowly the
+    server came back: a recovery is judged on what followed it."""
+    clients = mixed_clients(base_url) if clients is None else clients
     calls: list[Call] = []
     lock = threading.Lock()
     gate = threading.Event()
@@ -100,25 +143,20 @@ def run_load(
         return now < deadline or not outage.ready_at or now < outage.ready_at + after_ready
 
     def client(number: int) -> None:
-        browser, token = browsers[number]
+        sender = clients[number]
         step = 0
         while going_on():
             gate.wait(timeout=30)
             step += 1
-            if step % 3:
-                kind, title = "read", None
-            else:
-                kind = "invalid" if step % 12 == 0 else "write"
-                title = f"h{run}-{number}-{step}"
+            request = sender.plan(step)
             begin = time.monotonic()
             try:
-                if title is None:
-                    response = browser.get(f"{base_url}/", timeout=CLIENT_TIMEOUT)
+                if request.form is None:
+                    response = sender.browser.get(base_url + request.path, timeout=CLIENT_TIMEOUT)
                 else:
-                    body = "" if kind == "invalid" else "written under fault"
-                    response = browser.post(
-                        f"{base_url}/posts/new",
-                        data={"csrf_token": token, "title": title, "body": body},
+                    response = sender.browser.post(
+                        base_url + request.path,
+                        data={"csrf_token": sender.token, **request.form},
                         timeout=CLIENT_TIMEOUT,
                         allow_redirects=False,
                     )
@@ -128,7 +166,8 @@ def run_load(
             except requests.RequestException as error:
                 status, retry_after, text = None, None, repr(error)
             with lock:
-                calls.append(Call(kind, title, begin, time.monotonic(), status, retry_after, text))
+                calls.append(Call(request.kind, request.title, begin, time.monotonic(), status, retry_after, text,
+                                  number))
 
     def injector() -> None:
         time.sleep(max(0.0, started + fault_at - time.monotonic()))
@@ -141,7 +180,7 @@ def run_load(
         finally:
             gate.set()
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(len(clients))]
     threads.append(threading.Thread(target=injector))
     for thread in threads:
         thread.start()
