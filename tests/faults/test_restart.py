@@ -296,7 +296,7 @@ def test_restart_under_load_loses_nothing(
     assert verdict.server_errors == 0 and verdict.tracebacks == 0, (verdict, logged_errors(log))
     assert verdict.hangs == 0, verdict
     assert verdict.missing_retry_after == 0, verdict
-    assert verdict.failures_after_recovery == 0, (verdict, Counter((c.status, c.text[:300]) for c in calls if c.started >= outage.ready_at and not c.succeeded()).most_common(3))
+    assert verdict.failures_after_recovery == 0, (verdict, Counter((c.status, c.body[:300]) for c in calls if c.started >= outage.ready_at and not c.succeeded()).most_common(3))
     assert verdict.lost == 0 and verdict.phantom == 0, verdict
     assert verdict.acknowledged > 0 and verdict.rejected > 0, verdict
     assert escaped_errors(log) == 0, logged_errors(log)
