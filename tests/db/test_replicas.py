@@ -139,17 +139,13 @@ def empty_tables(topology: ReplicatedPostgres, database: URL) -> None:
 @pytest.fixture(scope="module")
 def database(replicated_session: ReplicatedPostgres) -> Iterator[URL]:
     """A migrated database on the primary of the one-standby topology, replicated."""
-    with replicated_session.primary.database() as url:
-        for standby in replicated_session.standbys:
-            replicated_session.wait_for_replay(standby)
+    with replicated_session.replayed_database() as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def database2(replicated2_session: ReplicatedPostgres) -> Iterator[URL]:
-    with replicated2_session.primary.database() as url:
-        for standby in replicated2_session.standbys:
-            replicated2_session.wait_for_replay(standby)
+    with replicated2_session.replayed_database() as url:
         yield url
 
 

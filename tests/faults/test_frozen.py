@@ -130,9 +130,7 @@ def test_negative_control_without_the_deadline_requests_hang_until_the_thaw(
 
 @pytest.fixture
 def replicated_db(replicated: ReplicatedPostgres) -> Iterator[tuple[ReplicatedPostgres, URL]]:  # noqa: F811
-    with replicated.primary.database() as url:
-        for standby in replicated.standbys:
-            replicated.wait_for_replay(standby)
+    with replicated.replayed_database() as url:
         yield replicated, url
 
 

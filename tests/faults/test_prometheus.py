@@ -140,9 +140,7 @@ def database(netns_postgres_session: PgNode) -> Iterator[URL]:
 @pytest.fixture(scope="module")
 def replica_database(replicated_session: ReplicatedPostgres) -> Iterator[URL]:
     """A migrated database on scenario 14's primary, replayed by its standby."""
-    with replicated_session.primary.database() as url:
-        for standby in replicated_session.standbys:
-            replicated_session.wait_for_replay(standby)
+    with replicated_session.replayed_database() as url:
         yield url
 
 

@@ -275,6 +275,15 @@ class ReplicatedPostgres:
             lambda: standby.query("SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'")[0][0] == 1,
             timeout, f"{standby.label} to stream", interval=0.05)
 
+    @contextmanager
+    def replayed_database(self) -> Iterator[URL]:
+        """A migrated database on the primary, handed over once every running standby
+        has replayed it (dropped at the end)."""
+        with self.primary.database() as url:
+            for standby in self.standbys:
+                self.wait_for_replay(standby)
+            yield url
+
     def wait_for_replay(self, standby: PgNode, timeout: float = 10.0) -> float:
         """Wait until ``standby`` has replayed up to the primary's current WAL position;
         return the seconds it took (TimeoutError after ``timeout``, e.g. while paused)."""
