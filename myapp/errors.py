@@ -100,10 +100,12 @@ def render_database_error(error: sa_exc.SQLAlchemyError) -> tuple[str, int, dict
 
 def render_database_refused(error: DatabaseUnavailable) -> tuple[str, int, dict[str, str]]:
     """The breaker is open or every database slot is busy: the request never reached the
-    database, so a 503 at once, saying when to come back."""
+    database, so a 503 at once, saying when to come back. Slots all stuck on the primary
+    are as good as an open breaker: with replicas, the page says the site is read-only."""
     log.warning("database request refused (%s): %s", error.reason, error)
     observability.count_unavailable("breaker" if error.reason == "unreachable" else "bulkhead")
-    page = error_page(503, _UNAVAILABLE_MESSAGES[error.reason], primary_down=error.reason == "unreachable")
+    primary_down = error.reason == "unreachable" or error.stuck_on == "primary"
+    page = error_page(503, _UNAVAILABLE_MESSAGES[error.reason], primary_down=primary_down)
     return page, 503, {"Retry-After": str(error.retry_after)}
 
 

@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from .bulkhead import Bulkhead
-from .engines import make_engine
+from .engines import guard_pings, make_engine
 from .errors import DatabaseUnavailable, describe_error
 from .metrics import BREAKER_OPEN, BREAKER_OPENS
 from .session import AUTOCOMMIT_KEY, AppSession, state_of
@@ -162,7 +162,10 @@ class Guards:
 
     def __init__(self, settings: DatabaseSettings) -> None:
         self.breaker_settings = settings.breaker
-        self.bulkhead = Bulkhead.from_settings(settings.bulkhead) if settings.bulkhead else None
+        servers = 1 + (len(settings.replicas.urls) if settings.replicas is not None else 0)
+        self.bulkhead = Bulkhead.from_settings(settings.bulkhead, servers) if settings.bulkhead else None
+        # With one server the bulkhead has no shares to keep: its waits stay unnamed.
+        self.name_servers = servers > 1
         self.breaker: Breaker | None = None  # the primary's
         self.replica_breakers: dict[str, Breaker] = {}  # by replica label
         # With replicas, a read-only request may go on while the primary's breaker is open.
@@ -182,20 +185,21 @@ class Guards:
                 replica.guard_with(breaker.allows)
         connects_only = counts_only_connects(state)
         for number, engine in enumerate(state.serving):  # a replica's statement waits on a database too
-            watching = self.breaker if number == 0 else self.replica_breakers.get(f"replica_{number}")
-            _watch(engine, watching, self.bulkhead, connects_only=connects_only and number == 0)
+            server = "primary" if number == 0 else f"replica_{number}"
+            watching = self.breaker if number == 0 else self.replica_breakers.get(server)
+            _watch(engine, watching, self.bulkhead, connects_only=connects_only and number == 0,
+                   server=server if self.name_servers else None)
         if self.bulkhead is not None:
             _admit_units(state.sessionmaker, self.bulkhead)
         state.openers.insert(0, self._admit)  # before anything else a session's birth does
 
     def _admit(self, session: AppSession, reading: bool) -> None:
-        """Admit the session's first unit to the bulkhead, then ask the breaker (the
-        slot first: the breaker's probe waits on the database too). Should the slot
-        outlive its events (an interrupt), the session's end gives it back. An open
-        breaker refuses the session, unless it only reads and replicas may serve it."""
+        """Ask the breaker (its probe waits in a slot of the primary's share), then let
+        the session's units be admitted as they begin; should a slot outlive its events
+        (an interrupt), the session's end gives it back. An open breaker refuses the
+        session, unless it only reads and replicas may serve it."""
         if self.bulkhead is not None:
             state_of(session).release_slot = partial(self.bulkhead.release, self.bulkhead.holder())
-            self.bulkhead.admit()
         if self.breaker is not None:
             try:
                 self.breaker.check()
@@ -207,8 +211,10 @@ class Guards:
     def _breaker(self, server: str, probe_engine: Engine) -> Breaker:
         settings = self.breaker_settings
         assert settings is not None
-        return Breaker(settings.threshold, settings.reset_seconds, probe=partial(ping_once, probe_engine),
-                       server=server)
+        probe: Callable[[], Any] = partial(ping_once, probe_engine)
+        if self.bulkhead is not None:  # a probe of a silent server waits on it too
+            probe = partial(self.bulkhead.probing, server if self.name_servers else None, probe)
+        return Breaker(settings.threshold, settings.reset_seconds, probe=probe, server=server)
 
     def primary_is_down(self) -> bool:
         """The primary's breaker is open (or probing); without a breaker, never."""
@@ -231,8 +237,9 @@ def _admit_units(maker: sessionmaker[Any], bulkhead: Bulkhead) -> None:
             bulkhead.admit()
 
 
-def _watch(engine: Engine, breaker: Breaker | None, bulkhead: Bulkhead | None, connects_only: bool = False) -> None:
-    """Tell the bulkhead when a thread waits on the database and when it is answered,
+def _watch(engine: Engine, breaker: Breaker | None, bulkhead: Bulkhead | None, connects_only: bool = False,
+           server: str | None = None) -> None:
+    """Tell the bulkhead when a thread waits on ``server`` and when it is answered,
     and the breaker each statement's outcome and each slow failure to connect or to get
     an answer. Waits are timed per thread: a dead connection's info cannot be read."""
     began = threading.local()
@@ -241,7 +248,7 @@ def _watch(engine: Engine, breaker: Breaker | None, bulkhead: Bulkhead | None, c
         if breaker is not None:
             began.at = time.monotonic()
         if bulkhead is not None:
-            bulkhead.admit()
+            bulkhead.admit(server)
 
     def answered(connection: Connection, *args: Any) -> None:
         if breaker is not None:
@@ -253,18 +260,20 @@ def _watch(engine: Engine, breaker: Breaker | None, bulkhead: Bulkhead | None, c
     event.listen(engine, "before_cursor_execute", waiting)
     event.listen(engine, "after_cursor_execute", answered)
     if bulkhead is not None:
-        _watch_transaction_ends(engine, bulkhead)
+        _watch_transaction_ends(engine, bulkhead, server)
+        if server is not None:  # a ping of a silent server waits on it: in its share (PostgreSQL)
+            guard_pings(engine, partial(bulkhead.pinging, server))
     if breaker is not None:
         _count_failures(engine, breaker, began, connects_only)
 
 
-def _watch_transaction_ends(engine: Engine, bulkhead: Bulkhead) -> None:
+def _watch_transaction_ends(engine: Engine, bulkhead: Bulkhead, server: str | None) -> None:
     """COMMIT and ROLLBACK wait on the database too; their events fire before the call.
     The connection handed out ends the wait of its checkout; handed back, the slot goes
     back. A failed statement's wait ends where it fails."""
 
     def ending(*args: Any) -> None:
-        bulkhead.admit(force=True)
+        bulkhead.admit(server, force=True)
 
     def checked_out(*args: Any) -> None:
         bulkhead.answered(release=False)

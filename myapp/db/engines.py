@@ -12,7 +12,7 @@ import select
 import time
 import weakref
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -236,7 +236,9 @@ def _ping_only_when_the_socket_speaks(engine: Engine) -> None:
             return True
         if not guards:
             return real_ping(dbapi_connection)
-        with guards[0](dbapi_connection):
+        with ExitStack() as stack:
+            for guard in guards:
+                stack.enter_context(guard(dbapi_connection))
             return real_ping(dbapi_connection)
 
     # The one place the layer replaces a library method, kept because no public mechanism
@@ -249,17 +251,17 @@ def _ping_only_when_the_socket_speaks(engine: Engine) -> None:
     engine.dialect.do_ping = do_ping  # type: ignore[method-assign]
 
 
-# What a real ping waits under, per dialect (an engine's own: each engine has one):
-# deadline.Deadlines adds its watchdog here, after the engine is made.
+# What a real ping waits under, per dialect (an engine's own: each engine has one), in
+# order: the bulkhead's slot (breaker.Guards), then deadline.Deadlines' watchdog.
 _ping_guards: weakref.WeakKeyDictionary[Any, list[Callable[[Any], AbstractContextManager[None]]]] = (
     weakref.WeakKeyDictionary())
 
 
 def guard_pings(engine: Engine, guard: Callable[[Any], AbstractContextManager[None]]) -> None:
-    """Run the engine's real pings inside ``guard(dbapi_connection)`` (a deadline)."""
+    """Run the engine's real pings inside ``guard(dbapi_connection)`` too (a slot, a
+    deadline), inside the guards added before it; PostgreSQL's engines only."""
     guards = _ping_guards.get(engine.dialect)
     if guards is not None:
-        guards.clear()
         guards.append(guard)
 
 

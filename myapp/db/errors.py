@@ -90,9 +90,12 @@ def unavailable_reason(error: BaseException) -> Unavailable | None:
 
 
 class DatabaseUnavailable(exc.SQLAlchemyError):
-    """The request was refused before it reached the database (a 503 page)."""
+    """The request was refused before it reached the database (a 503 page). ``stuck_on``:
+    the server every bulkhead slot in its way was stuck on, when they all were on one."""
 
-    def __init__(self, reason: Literal["unreachable", "busy"], detail: str, retry_after: float) -> None:
+    def __init__(self, reason: Literal["unreachable", "busy"], detail: str, retry_after: float,
+                 stuck_on: str | None = None) -> None:
         super().__init__(detail)
         self.reason = reason
         self.retry_after = max(1, math.ceil(retry_after))
+        self.stuck_on = stuck_on

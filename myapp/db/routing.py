@@ -251,14 +251,19 @@ def _read_from_a_replica(orm_state: ORMExecuteState) -> Result[Any] | None:
 
 def _on_the_primary_or_read_only(orm_state: ORMExecuteState, reads: ReplicaReads) -> Result[Any]:
     """A read of a read-only request sent to the primary: should the primary be
-    unreachable (the connect refused or timed out, the connection lost), the session
-    goes read-only and reads from a replica instead."""
+    unreachable (the connect refused or timed out, the connection lost, or every slot of
+    its share in the bulkhead stuck on it), the session goes read-only and reads from a
+    replica instead."""
     try:
         result = orm_state.invoke_statement()
     except DBAPIError as error:
         if not _unreachable(error):
             raise
         log.warning("the primary is unreachable (%s): this request reads from a replica", describe_error(error))
+    except DatabaseUnavailable as error:
+        if error.stuck_on != "primary":
+            raise
+        log.warning("every slot for the primary is stuck on it (%s): this request reads from a replica", error)
     else:
         reads.note("primary")
         return result

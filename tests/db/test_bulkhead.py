@@ -1,7 +1,7 @@
 """The bulkhead itself (myapp/db/bulkhead.py), without a server: one slot per thread,
 given back once, at checkin or after an answer in autocommit, and what counts as a
-holder stuck on the database. Its place in a served app is in
-tests/db/test_breaker.py and fault scenario 9."""
+holder stuck on the database, and each server's share of it. Its place in a served
+app is in tests/db/test_breaker.py, tests/db/test_replicas.py and fault scenario 9."""
 
 from __future__ import annotations
 
@@ -18,14 +18,16 @@ from myapp.db.bulkhead import Bulkhead
 from myapp.db.errors import DatabaseUnavailable
 
 
-def _try_in_another_thread(bulkhead: Bulkhead) -> tuple[str, float]:
-    """Begin a unit of work from another thread; say how it went and how long it took."""
+def _try_in_another_thread(bulkhead: Bulkhead, server: str | None = None) -> tuple[str, float]:
+    """Begin a unit of work from another thread (waiting on ``server``); say how it went
+    and how long it took."""
     outcome: list[tuple[str, float]] = []
 
     def attempt() -> None:
         started = time.monotonic()
         try:
             bulkhead.admit()
+            bulkhead.admit(server)
             bulkhead.release()
             outcome.append(("served", time.monotonic() - started))
         except DatabaseUnavailable:
@@ -142,3 +144,69 @@ def test_a_holder_waiting_on_the_database_is_stuck() -> None:
     outcome, waited = _try_in_another_thread(bulkhead)
     bulkhead.release()
     assert outcome == "refused" and waited < 0.5
+
+
+# -- a share per server -------------------------------------------------------------
+
+
+def test_a_server_stuck_on_its_share_leaves_the_last_slot_to_the_other_servers() -> None:
+    """With a primary and a replica, the primary holds at most limit - 1 slots: a thread
+    more for it is turned away (every holder there is stuck), one for the replica served."""
+    bulkhead = Bulkhead(limit=3, timeout=0.05, max_wait=2.0, servers=2)
+    assert bulkhead.share == 2
+    bulkhead.admit("primary")
+    assert _try_in_another_thread(bulkhead, "primary")[0] == "served"  # the share's second slot
+    stuck = threading.Thread(target=bulkhead.admit, args=("primary",))  # holds it: its thread ends waiting
+    stuck.start()
+    stuck.join()
+    time.sleep(0.1)  # both holders are now stuck on the primary
+    outcome, waited = _try_in_another_thread(bulkhead, "primary")
+    assert outcome == "refused" and waited < 0.5
+    outcome, waited = _try_in_another_thread(bulkhead, "replica_1")
+    assert outcome == "served" and waited < 0.05
+
+
+def test_negative_control_with_one_server_its_share_is_the_whole_bulkhead() -> None:
+    bulkhead = Bulkhead(limit=2, timeout=0.05, max_wait=2.0, servers=1)
+    assert bulkhead.share == 2
+    bulkhead.admit("primary")
+    stuck = threading.Thread(target=bulkhead.admit, args=("primary",))
+    stuck.start()
+    stuck.join()
+    time.sleep(0.1)
+    assert _try_in_another_thread(bulkhead, "replica_1")[0] == "refused"  # nothing kept back
+
+
+def test_a_unit_waiting_for_its_servers_share_holds_no_slot_meanwhile() -> None:
+    """A unit is admitted before it knows its server (its checkout has not happened);
+    should the share it then needs be taken, it gives its slot back while it waits, so
+    a page for another server is not blocked behind it."""
+    bulkhead = Bulkhead(limit=2, timeout=10, max_wait=1.0, servers=2)
+    bulkhead.admit("primary")  # the primary's share: busy, not stuck
+    waiter: list[tuple[str, float]] = []
+    thread = threading.Thread(target=lambda: waiter.append(_try_in_another_thread(bulkhead, "primary")))
+    thread.start()
+    time.sleep(0.2)  # it was admitted (2 of 2), then found the primary's share taken
+    outcome, waited = _try_in_another_thread(bulkhead, "replica_1")
+    thread.join(5)
+    bulkhead.release()
+    assert outcome == "served" and waited < 0.05
+    assert waiter[0][0] == "refused" and waiter[0][1] >= 0.9  # it queued the whole max_wait
+
+
+def test_a_commit_is_admitted_over_its_servers_share() -> None:
+    bulkhead = Bulkhead(limit=2, timeout=0.05, max_wait=0.3, servers=2)
+    bulkhead.admit("primary")
+    ended: list[str] = []
+
+    def commit() -> None:
+        bulkhead.admit()
+        bulkhead.admit("primary", force=True)
+        ended.append("committed")
+        bulkhead.release()
+
+    thread = threading.Thread(target=commit)
+    thread.start()
+    thread.join(5)
+    bulkhead.release()
+    assert ended == ["committed"]

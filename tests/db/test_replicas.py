@@ -821,17 +821,34 @@ def test_a_post_while_read_only_gives_back_exactly_what_was_typed(
             assert db.session.scalar(select(func.count()).select_from(Post).where(Post.title == "Unsaved")) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="one bulkhead for every server: found by scenario 19b, not fixed yet")
+# -- a share of the bulkhead per server (issue 19) ----------------------------------------------------
+
+
+def _stuck_requests(app: Flask, method: str, path: str, count: int) -> list[threading.Thread]:
+    """``count`` requests, each in its own thread, whose statement waits 3 s on a server."""
+    threads = [threading.Thread(target=lambda: app.test_client().open(path, method=method)) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    return threads
+
+
+def _active_sleeps(node: PgNode) -> int:
+    return node.query("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = 'SELECT pg_sleep(3)'"
+                      )[0][0]
+
+
 def test_a_page_the_replica_serves_is_not_refused_because_the_primary_holds_every_slot(
     topology: ReplicatedPostgres, database: URL
 ) -> None:
     """Found by scenario 19b (tests/faults/test_read_only.py): in the first seconds of a
     silent partition, before any breaker opens, the requests waiting on the primary (the
-    writes, a read that sticks to it) hold every slot of a worker's bulkhead, and pages
-    that a healthy replica would serve get a 503 "too busy". In small: one slot, held by
-    a unit of work that waits on the primary past the bulkhead timeout, and a visitor's
-    page that reads from the replica. Strict: it fails once the contagion is gone."""
-    with replica_app(topology, database, DATABASE_BULKHEAD=1, DATABASE_BULKHEAD_TIMEOUT=0.2) as app:
+    writes, a read that sticks to it) held every slot of a worker's bulkhead, and pages
+    that a healthy replica would serve got a 503 "too busy". In small: two slots, two
+    units of work that wait on the primary past the bulkhead timeout, and a visitor's
+    page that reads from the replica. The primary's share is one slot: the second unit
+    is turned away at once, and the page is served."""
+    with replica_app(topology, database, DATABASE_BULKHEAD=2, DATABASE_BULKHEAD_TIMEOUT=0.2) as app:
 
         @app.post("/_test/slow-unit")
         def slow_unit() -> str:
@@ -841,18 +858,115 @@ def test_a_page_the_replica_serves_is_not_refused_because_the_primary_holds_ever
 
         client = app.test_client()
         assert in_recovery(client) == (True, "replica 1")  # nothing waits: the replica serves it
-        waiting = threading.Thread(target=lambda: app.test_client().post("/_test/slow-unit"))
-        waiting.start()
-        wait_until(lambda: topology.primary.query(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = 'SELECT pg_sleep(3)'"
-        )[0][0] == 1, 5, "the unit to wait on the primary")
+        delta = Delta()
+        waiting = _stuck_requests(app, "POST", "/_test/slow-unit", 2)
+        wait_until(lambda: _active_sleeps(topology.primary) >= 1, 5, "a unit to wait on the primary")
         time.sleep(0.3)  # past the bulkhead timeout
         try:
             response = client.get("/_test/where")
         finally:
-            waiting.join(10)
+            for thread in waiting:
+                thread.join(10)
         assert response.status_code == 200, response.text
         assert response.headers["X-Read-From"] == "replica 1"
+        assert delta("myapp_db_bulkhead_refusals_total") == 1  # the second unit, over the primary's share
+
+
+def test_past_the_primarys_stuck_share_a_form_gets_the_read_only_page_and_a_read_the_replica(
+    topology: ReplicatedPostgres, database: URL
+) -> None:
+    """Slots all stuck on the primary are as good as its breaker open: a form sent then
+    gets the read-only 503 page with what was typed, and a read that had to go to the
+    primary (db.use_primary(), a reader whose last write the replica lacks) is read
+    from the replica under the banner instead of being turned away."""
+    with replica_app(topology, database, DATABASE_BULKHEAD=2, DATABASE_BULKHEAD_TIMEOUT=0.2) as app:
+
+        @app.post("/_test/slow-unit")
+        def slow_unit() -> str:
+            with db.transaction() as session:
+                session.execute(text("SELECT pg_sleep(3)"))
+            return "done"
+
+        @app.get("/_test/from-the-primary")
+        def from_the_primary() -> str:
+            with db.use_primary():
+                db.session.scalar(select(func.count()).select_from(User))
+            return "read-only" if db.read_only_mode() else "read-write"
+
+        client = app.test_client()
+        register_and_login(client, "stuck-share")
+        waiting = _stuck_requests(app, "POST", "/_test/slow-unit", 1)
+        wait_until(lambda: _active_sleeps(topology.primary) == 1, 5, "the unit to wait on the primary")
+        time.sleep(0.3)
+        try:
+            typed = "Typed while\nthe primary hung"
+            form = client.post("/posts/new", data={"title": "Kept", "body": typed})
+            read = client.get("/_test/from-the-primary")
+        finally:
+            for thread in waiting:
+                thread.join(10)
+        assert form.status_code == 503 and BANNER in form.text and form.headers["Retry-After"]
+        assert textareas(form.text) == {"title": "Kept", "body": typed}
+        assert read.status_code == 200, read.text
+        assert read.headers["X-Read-From"] == "replica 1" and read.text == "read-only"
+        again = client.get("/_test/from-the-primary")  # the share free again: the primary
+        assert again.headers["X-Read-From"].endswith("primary") and again.text == "read-write"
+
+
+def test_a_write_is_not_refused_because_a_stuck_replica_holds_every_slot(
+    topology: ReplicatedPostgres, database: URL
+) -> None:
+    """The reverse: pages whose reads wait on a replica (a standby stuck on its disk,
+    say) hold at most the replica's share, and a write to the primary gets the last slot."""
+    with replica_app(topology, database, DATABASE_BULKHEAD=2, DATABASE_BULKHEAD_TIMEOUT=0.2) as app:
+
+        @app.get("/_test/slow-read")
+        def slow_read() -> str:
+            db.session.execute(text("SELECT pg_sleep(3)"))
+            return "read"
+
+        client = app.test_client()
+        register_and_login(client, "writes-meanwhile")
+        waiting = _stuck_requests(app, "GET", "/_test/slow-read", 2)
+        wait_until(lambda: _active_sleeps(topology.standbys[0]) >= 1, 5, "a read to wait on the replica")
+        time.sleep(0.3)
+        try:
+            started = time.monotonic()
+            response = client.post("/posts/new", data={"title": "while the replica hangs", "body": "x"})
+            took = time.monotonic() - started
+        finally:
+            for thread in waiting:
+                thread.join(10)
+        assert response.status_code == 302, response.text
+        assert took < 1.0  # no wait for a slot
+
+
+def test_negative_control_one_bulkhead_for_every_server_refuses_the_replica_page(
+    topology: ReplicatedPostgres, database: URL
+) -> None:
+    """The same two stuck units, with the primary's share widened to the whole bulkhead
+    (as one bulkhead for every server was): they hold both slots, and the replica's
+    page is refused."""
+    with replica_app(topology, database, DATABASE_BULKHEAD=2, DATABASE_BULKHEAD_TIMEOUT=0.2) as app:
+        bulkhead = app.extensions["myapp.database"].feature(Guards).bulkhead
+        assert bulkhead.share == 1
+        bulkhead.share = bulkhead.limit
+
+        @app.post("/_test/slow-unit")
+        def slow_unit() -> str:
+            with db.transaction() as session:
+                session.execute(text("SELECT pg_sleep(3)"))
+            return "done"
+
+        waiting = _stuck_requests(app, "POST", "/_test/slow-unit", 2)
+        wait_until(lambda: _active_sleeps(topology.primary) == 2, 5, "both units to wait on the primary")
+        time.sleep(0.3)
+        try:
+            response = app.test_client().get("/_test/where")
+        finally:
+            for thread in waiting:
+                thread.join(10)
+        assert response.status_code == 503 and "every database connection is in use" in response.text
 
 
 # -- a breaker per server (issue 19) ----------------------------------------------------------------
