@@ -234,12 +234,7 @@ def _ping_only_when_the_socket_speaks(engine: Engine) -> None:
         recently = time.monotonic() - checked_in.get(dbapi_connection, 0.0) < QUIET_PING_WINDOW
         if recently and _socket_is_quiet(dbapi_connection):
             return True
-        if not guards:
-            return real_ping(dbapi_connection)
-        with ExitStack() as stack:
-            for guard in guards:
-                stack.enter_context(guard(dbapi_connection))
-            return real_ping(dbapi_connection)
+        return _guarded_ping(real_ping, guards, dbapi_connection)
 
     # The one place the layer replaces a library method, kept because no public mechanism
     # is as cheap: pool_pre_ping (the seed's promise) calls the dialect's do_ping, and
@@ -249,6 +244,16 @@ def _ping_only_when_the_socket_speaks(engine: Engine) -> None:
     # test_quiet_connection_skips_the_ping_and_a_spoken_one_gets_it fails if a ping
     # stops going through it; tests/db/test_layout.py lists it with this reason.
     engine.dialect.do_ping = do_ping  # type: ignore[method-assign]
+
+
+def _guarded_ping(real_ping: Callable[[Any], bool], guards: list[Callable[[Any], AbstractContextManager[None]]],
+                  dbapi_connection: Any) -> bool:
+    if not guards:
+        return real_ping(dbapi_connection)
+    with ExitStack() as stack:
+        for guard in guards:
+            stack.enter_context(guard(dbapi_connection))
+        return real_ping(dbapi_connection)
 
 
 # What a real ping waits under, per dialect (an engine's own: each engine has one), in

@@ -213,6 +213,8 @@ ALLOWED = [
             "our DatabaseUnavailable(SQLAlchemyError)'s own field; SQLAlchemyError has no such attribute"),
     Allowed("myapp/db/errors.py", "self.retry_after",
             "our DatabaseUnavailable(SQLAlchemyError)'s own field; SQLAlchemyError has no such attribute"),
+    Allowed("myapp/db/errors.py", "self.stuck_on",
+            "our DatabaseUnavailable(SQLAlchemyError)'s own field; SQLAlchemyError has no such attribute"),
     Allowed("myapp/login_limits.py", "self._next_purge",
             "our DatabaseStorage(limits Storage)'s own timer; limits.storage has no such attribute"),
     Allowed("myapp/posts.py", "post.title", _MAPPED),
