@@ -4,7 +4,7 @@ Nothing here ships: the routes live under ``/_faults`` in a blueprint that only 
 module registers. In-process tests add them to the ``app`` fixture's app with
 :func:`add_fault_routes`; gunicorn serves :func:`create_raising_app` through
 :func:`serve`. Switches for the negative controls (a registry without teardown, SQLite's
-deferred ``BEGIN``) and the routes' ``split`` option (commit half, then fail) break the
+deferred ``BEGIN``, one bulkhead share for every server) and the routes' ``split`` option (commit half, then fail) break the
 product on purpose, to prove that the assertions would catch the breakage.
 """
 
@@ -22,6 +22,7 @@ from sqlalchemy import Connection, event, func, select
 from myapp import create_app
 from myapp.auth import csrf
 from myapp.db import db
+from myapp.db.breaker import Guards
 from myapp.db.engines import READ_ONLY
 from myapp.models import Post, User
 
@@ -129,6 +130,7 @@ def add_fault_routes(
     *,
     without_teardown: bool = False,
     sqlite_deferred_begin: bool = False,
+    one_bulkhead_share: bool = False,
 ) -> Flask:
     """Register the fault routes (before the app's first request) and the breakages asked for."""
     app.register_blueprint(bp)
@@ -137,6 +139,8 @@ def add_fault_routes(
         _drop_teardown(app)
     if sqlite_deferred_begin:
         _use_deferred_begin(app)
+    if one_bulkhead_share:
+        _one_share_for_every_server(app)
     return app
 
 
@@ -159,6 +163,14 @@ def _drop_teardown(app: Flask) -> None:
     their request, the leak the leak checks must catch."""
     removal = db._remove_session
     app.teardown_appcontext_funcs[:] = [f for f in app.teardown_appcontext_funcs if f != removal]
+
+
+def _one_share_for_every_server(app: Flask) -> None:
+    """Let one server take every slot of the bulkhead, as before it had a share per
+    server: threads stuck on the primary then refuse the pages a replica could serve."""
+    guards = db.app_state(app).feature(Guards)
+    assert guards is not None and guards.bulkhead is not None, "the one-share control needs a bulkhead"
+    guards.bulkhead.share = guards.bulkhead.limit
 
 
 def _use_deferred_begin(app: Flask) -> None:
