@@ -120,8 +120,9 @@ def _stop_process(process: subprocess.Popen[bytes] | None, pid: int | None = Non
         process.wait(timeout=10)
 
 
-def _child_pid(parent: int) -> int | None:
-    """The PID of ``parent``'s only child (runuser forks the command it runs)."""
+def _parents() -> dict[int, int]:
+    """Every process's parent, by PID, from /proc."""
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -130,9 +131,22 @@ def _child_pid(parent: int) -> int | None:
         except OSError:
             continue
         # pid (comm) state ppid ...: comm may hold spaces and parentheses
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-            return int(entry.name)
-    return None
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def _child_pid(parent: int) -> int | None:
+    """The PID of ``parent``'s only child (runuser forks the command it runs)."""
+    return next((pid for pid, ppid in _parents().items() if ppid == parent), None)
+
+
+def _descendants(root: int) -> list[int]:
+    """``root`` and every process under it, parents before children."""
+    parents = _parents()
+    found = [root]
+    for pid in found:
+        found += [child for child, ppid in parents.items() if ppid == pid]
+    return found
 
 
 # -- etcd --------------------------------------------------------------------------------------
@@ -207,6 +221,7 @@ class PatroniNode:
         self.config = pg.root / "patroni.yml"
         self.log = pg.root / "patroni.log"
         self.process: subprocess.Popen[bytes] | None = None  # runuser, or Patroni when not root
+        self.frozen: list[int] = []  # PIDs SIGSTOPped by freeze(), until thaw()
 
     @property
     def rest_url(self) -> str:
@@ -281,6 +296,24 @@ class PatroniNode:
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM to Patroni: it stops its PostgreSQL (a leader gives up its key) and exits."""
         _stop_process(self.process, self.patroni_pid, timeout)
+
+    def freeze(self) -> None:
+        """SIGSTOP to Patroni and every process under it (its PostgreSQL's): the node
+        goes silent as a paused VM does. Patroni first, so that it sees nothing."""
+        root = self.patroni_pid
+        if root is None:
+            raise AssertionError(f"{self.name}: Patroni is not running")
+        for pid in _descendants(root):
+            os.kill(pid, signal.SIGSTOP)
+            self.frozen.append(pid)
+
+    def thaw(self) -> None:
+        """SIGCONT to what freeze() stopped."""
+        while self.frozen:
+            try:
+                os.kill(self.frozen.pop(), signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def kill_postgres(self) -> int:
         """SIGKILL to the postmaster (the PID in postmaster.pid); returns that PID."""
@@ -601,6 +634,14 @@ class PatroniCluster:
             raise AssertionError("the in-flight statement was acknowledged: it was not in flight")
         return leader.name, killed_at
 
+    def freeze_leader(self) -> tuple[str, float]:
+        """Freeze the leader's whole node (PatroniNode.freeze): it stops renewing its
+        key, which expires after ``ttl``; then the replica is elected. Returns the old
+        leader's name and the monotonic time of the freeze. heal() thaws it."""
+        leader = self.node(self.wait_for_leader())
+        leader.freeze()
+        return leader.name, time.monotonic()
+
     def write_port_server(self) -> int | None:
         """The port of the PostgreSQL that answers on HAProxy's write port now, if it is
         writable; None when no connection or no writable server. (libpq's connect_timeout
@@ -635,9 +676,18 @@ class PatroniCluster:
             if service.process is None or service.process.poll() is not None:
                 raise AssertionError(f"{type(service).__name__} is down: a test stopped it")
         for node in self.nodes:
+            if node.frozen:
+                # A Patroni thawed mid-loop acts on its stale state: seen once taking the
+                # leader key back and looping on "Synchronous replication key updated by
+                # someone else". A fresh one demotes (and rewinds) the node cleanly.
+                node.thaw()
+                node.stop()
             if not node.patroni_running():
                 node.start()
-        self.wait_for_replica_streaming(timeout)
+        try:
+            self.wait_for_replica_streaming(timeout)
+        except TimeoutError as error:
+            raise AssertionError(f"{error}\n{self.story()}") from None
         self.wait_for_routes(timeout)
 
     @contextmanager
@@ -691,6 +741,8 @@ class _InFlight:
 
 def _stop_leader_last(nodes: list[PatroniNode]) -> None:
     """Stop the replicas' Patroni first, then the leader's: no failover on the way out."""
+    for node in nodes:
+        node.thaw()  # a frozen process would only die of the SIGKILL after the stop timeout
     for node in sorted(nodes, key=lambda node: node.check("/primary") == 200):
         node.stop()
 
