@@ -833,6 +833,16 @@ def _stuck_requests(app: Flask, method: str, path: str, count: int) -> list[thre
     return threads
 
 
+def _add_slow_unit(app: Flask) -> None:
+    """POST /_test/slow-unit: a unit of work whose statement waits 3 s on the primary."""
+
+    @app.post("/_test/slow-unit")
+    def slow_unit() -> str:
+        with db.transaction() as session:
+            session.execute(text("SELECT pg_sleep(3)"))
+        return "done"
+
+
 def _active_sleeps(node: PgNode) -> int:
     return node.query("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = 'SELECT pg_sleep(3)'"
                       )[0][0]
@@ -849,12 +859,7 @@ def test_a_page_the_replica_serves_is_not_refused_because_the_primary_holds_ever
     page that reads from the replica. The primary's share is one slot: the second unit
     is turned away at once, and the page is served."""
     with replica_app(topology, database, DATABASE_BULKHEAD=2, DATABASE_BULKHEAD_TIMEOUT=0.2) as app:
-
-        @app.post("/_test/slow-unit")
-        def slow_unit() -> str:
-            with db.transaction() as session:
-                session.execute(text("SELECT pg_sleep(3)"))
-            return "done"
+        _add_slow_unit(app)
 
         client = app.test_client()
         assert in_recovery(client) == (True, "replica 1")  # nothing waits: the replica serves it
@@ -880,12 +885,7 @@ def test_past_the_primarys_stuck_share_a_form_gets_the_read_only_page_and_a_read
     primary (db.use_primary(), a reader whose last write the replica lacks) is read
     from the replica under the banner instead of being turned away."""
     with replica_app(topology, database, DATABASE_BULKHEAD=2, DATABASE_BULKHEAD_TIMEOUT=0.2) as app:
-
-        @app.post("/_test/slow-unit")
-        def slow_unit() -> str:
-            with db.transaction() as session:
-                session.execute(text("SELECT pg_sleep(3)"))
-            return "done"
+        _add_slow_unit(app)
 
         @app.get("/_test/from-the-primary")
         def from_the_primary() -> str:
@@ -951,12 +951,7 @@ def test_negative_control_one_bulkhead_for_every_server_refuses_the_replica_page
         bulkhead = app.extensions["myapp.database"].feature(Guards).bulkhead
         assert bulkhead.share == 1
         bulkhead.share = bulkhead.limit
-
-        @app.post("/_test/slow-unit")
-        def slow_unit() -> str:
-            with db.transaction() as session:
-                session.execute(text("SELECT pg_sleep(3)"))
-            return "done"
+        _add_slow_unit(app)
 
         waiting = _stuck_requests(app, "POST", "/_test/slow-unit", 2)
         wait_until(lambda: _active_sleeps(topology.primary) == 2, 5, "both units to wait on the primary")
