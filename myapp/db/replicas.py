@@ -39,7 +39,9 @@ from .metrics import REPLICA_IN_ROTATION, REPLICA_LAG_BYTES, REPLICA_LAG_SECONDS
 
 log = logging.getLogger("myapp.db.replicas")
 
-State = Literal["unknown", "healthy", "lagging", "down"]
+# "promoted": it answers, no longer a standby (Patroni made it the leader, say): out of
+# rotation, yet read-only mode may read from it while the primary is unreachable.
+State = Literal["unknown", "healthy", "lagging", "down", "promoted"]
 
 # WAL positions as plain integers (bytes since 0/0): comparable, and small in a cookie.
 PRIMARY_LSN_SQL = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
@@ -173,6 +175,13 @@ class ReplicaSet:
         self._note_replay(replica, lsn, time.monotonic())
         return replica if lsn >= required_lsn else None
 
+    def promoted(self) -> Replica | None:
+        """A replica the last check found promoted (and its breaker lets through): the
+        newest data there is while the primary is unreachable, in the moments after a
+        failover until the app reaches the new primary."""
+        return next((replica for replica in self.replicas
+                     if replica.state == "promoted" and (replica.gate is None or replica.gate())), None)
+
     def replayed_everywhere(self, lsn: int, age_seconds: float) -> bool:
         """True once no replica can serve a read older than ``lsn``: every healthy one has
         replayed it, and it is too old for one that rejoins within the lag limit to miss it.
@@ -245,8 +254,11 @@ class ReplicaSet:
                 self._set_state(replica, "down", describe_error(error))
                 return
         now = replica.checked_at = time.monotonic()
-        if not in_recovery or replay_lsn is None:
-            self._set_state(replica, "down", "not a standby (promoted, or not replicating)")
+        if not in_recovery:
+            self._set_state(replica, "promoted", "not a standby: promoted")
+            return
+        if replay_lsn is None:
+            self._set_state(replica, "down", "not replicating")
             return
         self._note_replay(replica, int(replay_lsn), now)
         replica.lag_bytes, replica.lag_seconds = self._lag(replica.replay_lsn, now)

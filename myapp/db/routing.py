@@ -169,11 +169,11 @@ def _replica_for(session: Session, reads: ReplicaReads) -> Replica | None:
 
 def _read_only_replica(reads: ReplicaReads) -> Replica:
     """The primary is unreachable: any healthy replica, whatever the user last wrote
-    (the page says when it lacks that write); none healthy, a 503."""
+    (the page says when it lacks that write), else one just promoted; none, a 503."""
     if reads.replica is None:
         reads.chosen = True
         reads.replicas.maybe_check()
-        reads.replica = reads.replicas.choose(None, lambda replica: None)
+        reads.replica = reads.replicas.choose(None, lambda replica: None) or reads.replicas.promoted()
         if reads.replica is None:
             raise DatabaseUnavailable("unreachable", "the primary is unreachable and no replica is healthy", 1)
         reads.behind_the_user = reads.required_lsn is not None and reads.replica.replay_lsn < reads.required_lsn

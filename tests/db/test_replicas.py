@@ -35,6 +35,7 @@ from tests.support.apps import make_app
 from tests.support.forms import textareas
 from tests.support.metrics import Delta, exists, sample
 from tests.topology import PgNode, ReplicatedPostgres
+from tests.topology.postgres import replicated_postgres
 from tests.topology.fixtures import (  # noqa: F401 (fixtures)
     replicated, replicated2, replicated2_session, replicated_session,
 )
@@ -785,6 +786,39 @@ def test_with_no_healthy_replica_a_stale_unreachable_primary_is_asked_again(
         assert page.status_code == 200, page.text
         assert page.headers["X-Read-From"] == "primary" and "Written before the outage" in page.text
         assert ">stale<" in page.text  # still signed in: the user row read from the primary too
+
+
+def test_a_replica_just_promoted_serves_the_read_only_pages_until_the_app_reaches_it_as_primary() -> None:
+    """Found by scenario 19d: a Patroni failover promotes the replica behind the read
+    port before HAProxy's write port reaches it. The replicas' check then finds it no
+    longer a standby, and with the old primary unreachable read-only mode had no replica
+    left: GETs got a 503 for those moments. A promoted replica is out of rotation, yet
+    the newest data there is: read-only mode reads from it. (A topology of its own: a
+    promotion cannot be undone.)"""
+    with replicated_postgres(standbys=1) as topology:
+        old_primary = topology.primary
+        with topology.replayed_database() as database, replica_app(topology, database) as app:
+            try:
+                _read_from_the_promoted_replica(topology, app)
+            finally:
+                old_primary.start()  # for the database's drop; the topology goes next
+
+
+def _read_from_the_promoted_replica(topology: ReplicatedPostgres, app: Flask) -> None:
+    client = app.test_client()
+    register_and_login(client, "promoted")
+    publish(client, "Written before the failover")
+    topology.wait_for_replay(topology.standbys[0])
+    topology.stop(topology.primary)
+    topology.promote(topology.standbys[0])
+    replicas_of(app).check()
+    replica = replicas_of(app).replicas[0]
+    assert replica.state == "promoted" and replicas_of(app).choose(None, lambda replica: None) is None
+    for _ in range(3):  # the connect to the old primary refused, then its breaker open
+        page = client.get("/")
+        assert page.status_code == 200 and BANNER in page.text, page.text
+        assert page.headers["X-Read-From"] == "replica 1" and "Written before the failover" in page.text
+        assert ">promoted<" in page.text
 
 
 def test_negative_control_read_only_mode_off_the_same_pages_get_503s(

@@ -47,6 +47,8 @@ are refused.
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -236,6 +238,7 @@ class Measures:
     empty_reads: int  # GETs started then
     empty_served: float  # their share answered 200 (nan: none)
     write_port_on_old: float  # HAProxy's write port still sent clients to the old leader until then
+    window_unserved: list[tuple[float, int | None, str]] = field(default_factory=list)  # a few, for a message
 
 
 def reads_between(calls: list[Call], spans: list[tuple[float, float]]) -> list[Call]:
@@ -265,7 +268,15 @@ def measure(calls: list[Call], switch: Switch, line: Timeline, routes: Routes, o
         empty_reads=len(in_gaps),
         empty_served=share_served(in_gaps),
         write_port_on_old=round(off_old - fault, 2),
+        window_unserved=[(round(c.started - fault, 2), c.status, _page_message(c.body))
+                         for c in in_window if c.status != 200][:6],
     )
+
+
+def _page_message(body: str) -> str:
+    """The first sentence-long paragraph of an error page: why it was not served."""
+    found = re.search(r"<p[^>]*>\s*([^<]{20,160})", body)
+    return found.group(1).strip() if found else body[:80]
 
 
 @dataclass
@@ -348,6 +359,13 @@ def record_figures(style: str, fault: Fault, run: Run) -> None:
         record(scenario, "postgresql", injected, figure, value, goal, met)
 
 
+def refusals(log: str) -> list[tuple[str, int]]:
+    """The reasons the workers logged for their 503s, most frequent first, numbers
+    masked: what a failing read goal's message shows."""
+    found = re.findall(r"database (?:request refused|unavailable) \((.*?)\): ([^\n]*)", log)
+    return Counter(re.sub(r"\d+(\.\d+)?", "N", f"{why}: {what}")[:160] for why, what in found).most_common(6)
+
+
 def check(style: str, run: Run, judge_reads: bool = True) -> None:
     verdict, line, m = run.verdict, run.line, run.measures
     context = (verdict, line, m, logged_errors(run.log)[-5:])
@@ -361,7 +379,7 @@ def check(style: str, run: Run, judge_reads: bool = True) -> None:
     if style == "haproxy":
         assert m.window_reads > 0, context  # the window was long enough to judge it
         if judge_reads:
-            assert m.window_served >= READS_SERVED_GOAL, context
+            assert m.window_served >= READS_SERVED_GOAL, (m.window_unserved, refusals(run.log), context)
 
 
 # -- the scenarios -----------------------------------------------------------------------------
