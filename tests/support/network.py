@@ -21,16 +21,25 @@ def _ephemeral_start() -> int:
         return 32768
 
 
+# Every port handed out in this process: a port picked for a server that has not bound
+# it yet is free to the next pick, and was once handed out twice.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now, below the ephemeral range, picked at
-    random so that servers started side by side (or by parallel runs) do not collide."""
+    random so that servers started side by side (or by parallel runs) do not collide,
+    and never the same one twice in a process."""
     highest = max(_LOWEST + 1000, _ephemeral_start() - 1)
     for _ in range(200):
         port = random.randint(_LOWEST, highest)
+        if port in _handed_out:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
     raise RuntimeError(f"no free port between {_LOWEST} and {highest}")

@@ -739,6 +739,24 @@ class _InFlight:
             self.done = True
 
 
+def _start_on_a_free_rest_port(node: PatroniNode, cluster: PatroniCluster, attempts: int = 3) -> None:
+    """Start ``node``'s Patroni and wait until its REST API answers. Seen in CI: the
+    port picked for it was taken by the time Patroni bound it ("Address already in
+    use"), and the node never started; then it gets a new port (HAProxy's checks too)."""
+    for _ in range(attempts):
+        node.start()
+        answered = wait_for(lambda: node.check("/health") is not None or not node.patroni_running(),
+                            START_TIMEOUT, f"{node.name}'s REST API", interval=0.1)
+        if node.patroni_running():
+            return
+        if "Address already in use" not in node.log_tail(40):
+            raise AssertionError(f"{node.name}'s Patroni exited after {answered:.1f} s:\n{node.log_tail(40)}")
+        node.rest_port = free_port()
+        node.write_config(cluster.scope, cluster.etcd)
+        cluster.haproxy.restart(cluster.nodes)
+    raise AssertionError(f"{node.name}'s Patroni found no free REST port in {attempts} attempts")
+
+
 def _stop_leader_last(nodes: list[PatroniNode]) -> None:
     """Stop the replicas' Patroni first, then the leader's: no failover on the way out."""
     for node in nodes:
@@ -778,11 +796,11 @@ def patroni_cluster() -> Iterator[PatroniCluster]:
             try:
                 # node1 alone until it holds the initialize key: it bootstraps (initdb) and
                 # leads; the others then wait for it and clone it.
-                nodes[0].start()
+                _start_on_a_free_rest_port(nodes[0], cluster)
                 wait_for(lambda: etcd.get(f"{NAMESPACE}{scope}/initialize") is not None, START_TIMEOUT,
                          "node1 to take the initialize key", interval=0.1)
                 for node in nodes[1:]:
-                    node.start()
+                    _start_on_a_free_rest_port(node, cluster)
                 cluster.wait_for_leader(START_TIMEOUT * 2)
                 cluster.timings["node1 leader"] = time.monotonic() - started
                 cluster.wait_for_replica_streaming(START_TIMEOUT * 2)
