@@ -254,8 +254,8 @@ class ReplicaSet:
                 self._set_state(replica, "down", describe_error(error))
                 return
         now = replica.checked_at = time.monotonic()
-        if not in_recovery:
-            self._set_state(replica, "promoted", "not a standby: promoted")
+        if not in_recovery:  # unless a request marked it down meanwhile (a read it failed)
+            self._set_state(replica, "promoted", "not a standby: promoted", checked_since=began)
             return
         if replay_lsn is None:
             self._set_state(replica, "down", "not replicating")

@@ -119,7 +119,7 @@ class ReplicaReads:
     mode (the primary unreachable), whether the replica lacks that user's last write."""
 
     __slots__ = ("replicas", "required_lsn", "replica", "chosen", "served", "read_only", "may_go_read_only",
-                 "behind_the_user")
+                 "behind_the_user", "failed")
 
     def __init__(self, replicas: ReplicaSet, required_lsn: int | None, *, read_only: bool = False,
                  may_go_read_only: bool = False) -> None:
@@ -131,6 +131,9 @@ class ReplicaReads:
         self.read_only = read_only  # every read from a replica: the primary is unreachable
         self.may_go_read_only = may_go_read_only  # DATABASE_READ_ONLY_MODE
         self.behind_the_user = False  # the replica has not replayed the user's last commit
+        # Replicas that failed a read of this session: its connection to them is dead
+        # inside its transaction, and reading there again would fail (PendingRollbackError).
+        self.failed: set[str] = set()
 
     def note(self, target: str) -> None:
         if target not in self.served:
@@ -173,7 +176,8 @@ def _read_only_replica(reads: ReplicaReads) -> Replica:
     if reads.replica is None:
         reads.chosen = True
         reads.replicas.maybe_check()
-        reads.replica = reads.replicas.choose(None, lambda replica: None) or reads.replicas.promoted()
+        replica = reads.replicas.choose(None, lambda replica: None) or reads.replicas.promoted()
+        reads.replica = replica if replica is not None and replica.name not in reads.failed else None
         if reads.replica is None:
             raise DatabaseUnavailable("unreachable", "the primary is unreachable and no replica is healthy", 1)
         reads.behind_the_user = reads.required_lsn is not None and reads.replica.replay_lsn < reads.required_lsn
@@ -199,6 +203,7 @@ def _ask_replay_lsn(session: Session, replica: Replica) -> int | None:
 
 def _mark_down(reads: ReplicaReads, error: BaseException) -> None:
     if reads.replica is not None:
+        reads.failed.add(reads.replica.name)
         reads.replicas.mark_down(reads.replica, describe_error(error))
     reads.replica = None
 
