@@ -821,6 +821,32 @@ def _read_from_the_promoted_replica(topology: ReplicatedPostgres, app: Flask) ->
         assert ">promoted<" in page.text
 
 
+def test_a_replica_that_failed_a_read_is_not_read_from_again_in_that_request(
+    topology: ReplicatedPostgres, database: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in CI (scenario 19d): HAProxy cut a request's replica connection, the read
+    went to the primary, which was unreachable, and read-only mode chose that replica
+    again (a check had just put it back): the session's connection there had died
+    inside its transaction, and the read failed with PendingRollbackError, a 500.
+    Here the check's timing is stood in for by a mark-down that does nothing."""
+    with replica_app(topology, database) as app:
+
+        @app.get("/_test/read-twice")
+        def read_twice() -> str:
+            db.session.scalar(select(func.count()).select_from(User))
+            topology.standbys[0].query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                       "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+            db.session.scalar(select(func.count()).select_from(Post))
+            return "read twice"
+
+        assert in_recovery(app.test_client()) == (True, "replica 1")
+        topology.stop(topology.primary)
+        monkeypatch.setattr(ReplicaSet, "mark_down", lambda self, replica, why: None)
+        response = app.test_client().get("/_test/read-twice")
+        assert response.status_code == 503, response.text
+        assert "PendingRollbackError" not in response.text
+
+
 def test_negative_control_read_only_mode_off_the_same_pages_get_503s(
     topology: ReplicatedPostgres, database: URL
 ) -> None:
