@@ -120,7 +120,7 @@ class Bulkhead:
     def _take(self, holder: _Holder, server: str | None, force: bool) -> None:
         """Under the lock: admit ``holder`` (held or not) on ``server``."""
         if holder.held:  # admitted before it knew its server, or moving to another one
-            if force or server is None or self._on(server) < self.share:
+            if force or server is None or len(self._on(server)) < self.share:
                 holder.server = server
                 return
             self._give_back(holder)
@@ -134,15 +134,15 @@ class Bulkhead:
         self._held.discard(holder)
         self._changed.notify_all()  # a waiter for another server may have room now
 
-    def _on(self, server: str) -> int:
-        return sum(1 for holder in self._held if holder.server == server)
+    def _on(self, server: str) -> set[_Holder]:
+        return {holder for holder in self._held if holder.server == server}
 
     def _in_the_way(self, server: str | None) -> tuple[set[_Holder], str]:
         """The holders a thread admitted on ``server`` must wait for, and why (empty: room)."""
         if len(self._held) >= self.limit:
             return self._held, f"all {self.limit} database slots of this worker stayed busy"
         if server is not None:
-            on_it = {holder for holder in self._held if holder.server == server}
+            on_it = self._on(server)
             if len(on_it) >= self.share:
                 return on_it, f"{server} kept all {self.share} of its database slots in this worker busy"
         return set(), ""

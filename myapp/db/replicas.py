@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -86,6 +86,11 @@ class Replica:
     def guard_with(self, gate: Callable[[], bool]) -> None:
         """Let ``gate`` (its breaker) say whether a request may use this replica now."""
         self.gate = gate
+
+    def usable(self, state: State, excluding: Collection[str] = ()) -> bool:
+        """In ``state``, not among ``excluding`` (names), and let through by its breaker."""
+        return (self.state == state and (not excluding or self.name not in excluding)
+                and (self.gate is None or self.gate()))
 
     @property
     def label(self) -> str:
@@ -148,15 +153,15 @@ class ReplicaSet:
             self._checking.release()
             raise
 
-    def choose(self, required_lsn: int | None, ask_replay_lsn: Callable[[Replica], int | None]) -> Replica | None:
+    def choose(self, required_lsn: int | None, ask_replay_lsn: Callable[[Replica], int | None],
+               excluding: Collection[str] = ()) -> Replica | None:
         """A healthy replica that has replayed ``required_lsn``, or None (read from the primary).
 
         The cached replay positions decide without a round trip; only when none is past
         the position and one's cache is older than ``REPLAY_LSN_TTL`` is that one replica
         asked (``ask_replay_lsn``, on the connection the session will read from).
         """
-        healthy = [replica for replica in self.replicas
-                   if replica.state == "healthy" and (replica.gate is None or replica.gate())]
+        healthy = [replica for replica in self.replicas if replica.usable("healthy", excluding)]
         if not healthy:
             return None
         if required_lsn is None:
@@ -175,12 +180,11 @@ class ReplicaSet:
         self._note_replay(replica, lsn, time.monotonic())
         return replica if lsn >= required_lsn else None
 
-    def promoted(self) -> Replica | None:
+    def promoted(self, excluding: Collection[str] = ()) -> Replica | None:
         """A replica the last check found promoted (and its breaker lets through): the
         newest data there is while the primary is unreachable, in the moments after a
         failover until the app reaches the new primary."""
-        return next((replica for replica in self.replicas
-                     if replica.state == "promoted" and (replica.gate is None or replica.gate())), None)
+        return next((replica for replica in self.replicas if replica.usable("promoted", excluding)), None)
 
     def replayed_everywhere(self, lsn: int, age_seconds: float) -> bool:
         """True once no replica can serve a read older than ``lsn``: every healthy one has

@@ -176,8 +176,9 @@ def _read_only_replica(reads: ReplicaReads) -> Replica:
     if reads.replica is None:
         reads.chosen = True
         reads.replicas.maybe_check()
-        replica = reads.replicas.choose(None, lambda replica: None) or reads.replicas.promoted()
-        reads.replica = replica if replica is not None and replica.name not in reads.failed else None
+        # Never one that failed this session: its connection there died in its transaction.
+        reads.replica = (reads.replicas.choose(None, lambda replica: None, excluding=reads.failed)
+                         or reads.replicas.promoted(excluding=reads.failed))
         if reads.replica is None:
             raise DatabaseUnavailable("unreachable", "the primary is unreachable and no replica is healthy", 1)
         reads.behind_the_user = reads.required_lsn is not None and reads.replica.replay_lsn < reads.required_lsn

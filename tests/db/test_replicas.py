@@ -847,6 +847,31 @@ def test_a_replica_that_failed_a_read_is_not_read_from_again_in_that_request(
         assert "PendingRollbackError" not in response.text
 
 
+def test_read_only_mode_reads_from_another_replica_than_the_one_that_failed(
+    topology2: ReplicatedPostgres, database2: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same, with two replicas: the one the request failed on is left out of the
+    choice, so the other serves the page instead of a 503 (or the 500 above)."""
+    with replica_app(topology2, database2) as app:
+
+        @app.get("/_test/read-twice")
+        def read_twice() -> str:
+            db.session.scalar(select(func.count()).select_from(User))
+            for standby in topology2.standbys:
+                standby.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+            db.session.scalar(select(func.count()).select_from(Post))
+            return "read twice"
+
+        topology2.stop(topology2.primary)
+        monkeypatch.setattr(ReplicaSet, "mark_down", lambda self, replica, why: None)
+        for _ in range(6):  # the failed one is chosen first half the time: excluded, never again
+            response = app.test_client().get("/_test/read-twice")
+            assert response.status_code == 200, response.text
+            served = response.headers["X-Read-From"].split(",")
+            assert len(served) == 2 and served[0] != served[1], served
+
+
 def test_negative_control_read_only_mode_off_the_same_pages_get_503s(
     topology: ReplicatedPostgres, database: URL
 ) -> None:
